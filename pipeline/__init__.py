@@ -1,0 +1,1 @@
+"""Snakemake stages that turn image collections into feature stores."""

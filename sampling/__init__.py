@@ -1,0 +1,1 @@
+"""Sampler and evaluation (roadmap: reads the same feature stores as the trainer)."""
