@@ -1,1 +1,4 @@
-"""Decoupled trainer for the feature-conditioned diffusion model (roadmap: reads cached feature/latent pairs only)."""
+"""Decoupled trainer for the feature-conditioned diffusion model.
+
+Roadmap: it reads cached feature/latent pairs only, never running a backbone.
+"""

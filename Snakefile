@@ -1,0 +1,101 @@
+"""featinv: `snakemake extract_features` turns an image collection into a feature store.
+
+plan (checkpoint: list the source, create/resume the store)
+  -> extract_shard (one job per shard x backbone group; commits its shard in the store)
+  -> finalize (gather commits, validate every chunk, consolidate, print the summary)
+
+The store holds the authoritative commit records; the small JSON files under work_dir are only
+Snakemake's view of them, so losing work_dir costs a re-check, never a re-extraction.
+"""
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+from pipeline.config import SCHEMA_PATH, ConfigError, public_config, validate_config
+
+configfile: "config/config.yaml"
+
+try:
+    validate_config(config)  # one-line errors for people; snakemake's own check below fills defaults
+except ConfigError as exc:
+    sys.exit(f"featinv: {exc}")
+validate(config, str(SCHEMA_PATH), set_default=True)
+
+DEMO = "data/demo"
+FEATINV = f"{sys.executable} -m pipeline.cli"
+_store_id = hashlib.sha256(public_config(config)["store"].encode()).hexdigest()[:10]
+WORK = f"{config['work_dir']}/{Path(config['store'].rstrip('/')).name}-{_store_id}"
+CONFIG_JSON = f"{WORK}/config.json"
+
+
+def _write_effective_config() -> None:
+    """The validated config (CLI overrides included) for the featinv jobs; rewritten only when it
+    changes, so an unchanged rerun does nothing."""
+    text = json.dumps(config, indent=1, sort_keys=True)
+    path = Path(CONFIG_JSON)
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+_write_effective_config()
+
+
+rule extract_features:
+    default_target: True
+    input:
+        f"{WORK}/finalized.json",
+
+
+rule demo_images:
+    output:
+        f"{DEMO}/.complete",
+    shell:
+        "{FEATINV} demo-images {DEMO}"
+
+
+checkpoint plan:
+    input:
+        config=CONFIG_JSON,
+        demo=[f"{DEMO}/.complete"] if config["source"].rstrip("/") == DEMO else [],
+    output:
+        f"{WORK}/plan.json",
+    shell:
+        "{FEATINV} plan {input.config} --out {output}"
+
+
+rule extract_shard:
+    input:
+        config=CONFIG_JSON,
+        plan=f"{WORK}/plan.json",
+    output:
+        f"{WORK}/shards/{{group}}/{{shard}}.json",
+    wildcard_constraints:
+        shard=r"\d+",
+    threads: config["threads"]
+    shell:
+        "{FEATINV} extract-shard {input.config} --group {wildcards.group} "
+        "--shard {wildcards.shard} --threads {threads} --out {output}"
+
+
+def shard_markers(wildcards):
+    plan = json.loads(Path(checkpoints.plan.get().output[0]).read_text())
+    return [
+        f"{WORK}/shards/{group}/{shard}.json"
+        for group in plan["groups"]
+        for shard in range(plan["n_shards"])
+    ]
+
+
+rule finalize:
+    input:
+        shard_markers,
+        config=CONFIG_JSON,
+    output:
+        f"{WORK}/finalized.json",
+    shell:
+        "{FEATINV} finalize {input.config} --out {output}"

@@ -1,0 +1,191 @@
+"""A configured backbone: the timm model, its preprocessing and the taps on its named layers.
+
+Layers are timm module paths (`blocks.5`, `layer3`, `stages.2`).  All layers of one backbone come
+from a single forward pass that stops as soon as the deepest requested layer has run.  Whatever a
+layer emits is normalised to the store's layout: a channels-first map `[C, y, x]`, plus the prefix
+(class/register) tokens of ViT-style models, which have no place on the grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import timm
+import torch
+from timm.data import create_transform, resolve_data_config
+
+from pipeline.weights import WeightsInfo, create_backbone
+
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One `backbones:` entry of the config."""
+
+    name: str
+    weights: str
+    layers: tuple[str, ...]
+    group: str = "main"
+    preprocessing: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, entry: dict) -> BackboneSpec:
+        return cls(
+            name=entry["name"],
+            weights=entry["weights"],
+            layers=tuple(entry["layers"]),
+            group=entry.get("group", "main"),
+            preprocessing=dict(entry.get("preprocessing") or {}),
+        )
+
+
+@dataclass
+class Backbone:
+    spec: BackboneSpec
+    model: torch.nn.Module
+    weights: WeightsInfo
+    data_config: dict
+    transform: Callable
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        return tuple(self.data_config["input_size"][1:])
+
+    def preprocessing_attrs(self) -> dict:
+        """The resolved timm data config, JSON-able, as recorded in the store."""
+        return {k: _jsonable(self.data_config[k]) for k in PREPROCESSING_KEYS}
+
+
+def _jsonable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def resolve_preprocessing(model: torch.nn.Module, overrides: dict) -> dict:
+    """timm's `pretrained_cfg` of the model, with the config's overrides applied."""
+    args = dict(overrides)
+    if isinstance(args.get("input_size"), int):
+        args["input_size"] = (3, args["input_size"], args["input_size"])
+    return resolve_data_config(args, model=model)
+
+
+def load_backbone(spec: BackboneSpec, seed: int = 0, device: str = "cpu") -> Backbone:
+    model, weights = create_backbone(spec.name, spec.weights, seed=seed)
+    for layer in spec.layers:
+        check_layer(model, spec.name, layer)
+    data_config = resolve_preprocessing(model, spec.preprocessing)
+    transform = create_transform(**data_config, is_training=False)
+    return Backbone(spec, model.to(device).eval(), weights, data_config, transform)
+
+
+def check_layer(model: torch.nn.Module, name: str, layer: str) -> None:
+    """Fail with the layer names a user would pick from, not a bare AttributeError."""
+    try:
+        model.get_submodule(layer)
+    except AttributeError:
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"backbone {name} has no layer '{layer}' (top-level modules: {', '.join(top)})"
+        ) from None
+
+
+class _StopForward(Exception):
+    """Raised by the last tap so the rest of the network is never run."""
+
+
+class LayerTaps:
+    """Capture the outputs of named modules in one forward pass."""
+
+    def __init__(self, model: torch.nn.Module, layers: tuple[str, ...]):
+        self.model, self.layers = model, layers
+
+    def __call__(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        captured: dict[str, Any] = {}
+
+        def hook(name: str):
+            def fn(_module, _inputs, output):
+                captured[name] = output[0] if isinstance(output, tuple | list) else output
+                if len(captured) == len(self.layers):
+                    raise _StopForward
+
+            return fn
+
+        handles = [
+            self.model.get_submodule(layer).register_forward_hook(hook(layer))
+            for layer in self.layers
+        ]
+        try:
+            self.model(x)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        missing = [layer for layer in self.layers if layer not in captured]
+        if missing:
+            raise RuntimeError(f"layers {missing} did not run in the forward pass")
+        hw = tuple(x.shape[-2:])
+        return {layer: to_grid(self.model, captured[layer], hw) for layer in self.layers}
+
+
+def to_grid(
+    model: torch.nn.Module, out: torch.Tensor, input_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer output as `[N, C, y, x]`, plus `[N, prefix, C]` prefix tokens for token outputs."""
+    if out.ndim == 4:
+        return (out.permute(0, 3, 1, 2) if _channels_last(model, out, input_hw) else out), None
+    if out.ndim == 3:
+        return _tokens_to_grid(model, out, input_hw)
+    raise ValueError(f"cannot store a layer output of shape {tuple(out.shape)} as a spatial map")
+
+
+def _aspect_matches(h: int, w: int, input_hw: tuple[int, int]) -> bool:
+    return abs(h / w - input_hw[0] / input_hw[1]) <= 0.25 * input_hw[0] / input_hw[1]
+
+
+def _channels_last(model: torch.nn.Module, out: torch.Tensor, input_hw: tuple[int, int]) -> bool:
+    """NHWC (Swin, ConvNeXt block internals) or NCHW: from the shape, else the model's format."""
+    _, a, b, c = out.shape
+    nchw, nhwc = _aspect_matches(b, c, input_hw), _aspect_matches(a, b, input_hw)
+    if nchw == nhwc:
+        return getattr(model, "output_fmt", "NCHW") == "NHWC"
+    return nhwc
+
+
+def _tokens_to_grid(
+    model: torch.nn.Module, tokens: torch.Tensor, input_hw: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n, length, channels = tokens.shape
+    n_prefix = getattr(model, "num_prefix_tokens", 0)
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch is None:
+        raise ValueError(f"{type(model).__name__} emits tokens but has no patch_embed.patch_size")
+    h, w = input_hw[0] // patch[0], input_hw[1] // patch[1]
+    if h * w != length - n_prefix:
+        raise ValueError(
+            f"{length} tokens do not form a {h}x{w} grid plus {n_prefix} prefix tokens"
+        )
+    grid = tokens[:, n_prefix:].reshape(n, h, w, channels).permute(0, 3, 1, 2)
+    return grid, (tokens[:, :n_prefix] if n_prefix else None)
+
+
+def probe_shapes(backbone: Backbone) -> dict[str, dict]:
+    """Per-sample shapes and strides of every requested layer, from one forward on a blank image."""
+    x = torch.zeros(1, *backbone.data_config["input_size"])
+    device = next(backbone.model.parameters()).device
+    with torch.inference_mode():
+        outputs = LayerTaps(backbone.model, backbone.spec.layers)(x.to(device))
+    shapes = {}
+    for layer, (grid, prefix) in outputs.items():
+        shapes[layer] = {
+            "grid": tuple(grid.shape[1:]),
+            "prefix": tuple(prefix.shape[1:]) if prefix is not None else None,
+            "stride": backbone.input_hw[0] // grid.shape[2],
+        }
+    return shapes
+
+
+def is_model(name: str) -> bool:
+    return timm.is_model(name.split(".")[0]) or timm.is_model(name)

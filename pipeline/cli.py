@@ -1,0 +1,138 @@
+"""`featinv`: the commands behind the Snakemake rules, plus `validate` and `info` for users.
+
+Errors a user can fix (bad config, bad store) print one line and exit 2 (validation failures exit
+1); tracebacks are kept for bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_config
+from storage_specs.layout import StoreError
+
+
+def _write_json_atomic(path: str, value: dict) -> None:
+    """Snakemake markers: written whole or not at all."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def cmd_check_config(args) -> None:
+    load_config(args.config)
+    print(f"config {args.config}: ok")
+
+
+def cmd_demo_images(args) -> None:
+    from pipeline.demo import build_demo_images
+
+    n = build_demo_images(args.out)
+    print(f"demo collection: {n} images in {args.out}")
+
+
+def cmd_plan(args) -> None:
+    from pipeline.plan import plan_store
+
+    plan = plan_store(load_config(args.config))
+    if args.out:
+        _write_json_atomic(args.out, plan)
+    ignored = f", {len(plan['ignored'])} non-image files ignored" if plan["ignored"] else ""
+    print(
+        f"planned {plan['store']}: {plan['n_samples']} samples in {plan['n_shards']} shards "
+        f"x {len(plan['groups'])} group(s){ignored}",
+        file=sys.stderr,
+    )
+
+
+def cmd_extract_shard(args) -> None:
+    from pipeline.extract import extract_shard
+
+    config = load_config(args.config)
+    if args.threads:
+        config["threads"] = args.threads
+    record = extract_shard(config, args.group, args.shard)
+    if args.out:
+        _write_json_atomic(args.out, record)
+
+
+def cmd_finalize(args) -> None:
+    from pipeline.finalize import finalize_store
+    from pipeline.summary import print_summary
+
+    config = load_config(args.config)
+    summary = finalize_store(config["store"])
+    if args.out:
+        _write_json_atomic(args.out, summary)
+    print_summary(config["store"])
+
+
+def cmd_validate(args) -> None:
+    from storage_specs.validate import validate_store
+
+    problems = validate_store(args.store, check_data=not args.metadata_only, progress=True)
+    for problem in problems:
+        print(f"INVALID {problem}", file=sys.stderr)
+    if problems:
+        sys.exit(1)
+    print(f"{args.store}: valid")
+
+
+def cmd_info(args) -> None:
+    from pipeline.summary import print_summary
+
+    print_summary(args.store, classify=args.classify)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="featinv", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("check-config", cmd_check_config, "validate a config file")
+    p.add_argument("config")
+    p = add("demo-images", cmd_demo_images, "build the embedded demo image collection")
+    p.add_argument("out")
+    p = add("plan", cmd_plan, "list the source and create/resume the store")
+    p.add_argument("config")
+    p.add_argument("--out", help="write the plan JSON here (Snakemake checkpoint)")
+    p = add("extract-shard", cmd_extract_shard, "extract and commit one shard of one group")
+    p.add_argument("config")
+    p.add_argument("--group", default="main")
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--threads", type=int, help="torch threads (default: the config's)")
+    p.add_argument("--out", help="write the commit record here (Snakemake marker)")
+    p = add("finalize", cmd_finalize, "gather commits, validate, consolidate, summarise")
+    p.add_argument("config")
+    p.add_argument("--out")
+    p = add("validate", cmd_validate, "check a store against the spec; exit 1 on any problem")
+    p.add_argument("store")
+    p.add_argument("--metadata-only", action="store_true", help="skip reading every chunk")
+    p = add("info", cmd_info, "print a store's summary")
+    p.add_argument("store")
+    p.add_argument("--no-classify", dest="classify", action="store_false")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except (ConfigError, StoreError, ValueError) as exc:
+        print(f"featinv: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Load and check an extraction config before any work starts.
+
+The JSON schema (`config.schema.yaml`, also used by the Snakefile through
+`snakemake.utils.validate`) catches wrong keys and types; the checks here catch what a schema
+cannot: unknown timm models and layers.  Every failure is one line naming the offending value.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import jsonschema
+import torch
+import yaml
+
+SCHEMA_PATH = Path(str(resources.files("pipeline") / "config.schema.yaml"))
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line."""
+
+
+def load_schema() -> dict:
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def _with_defaults(validator_class):
+    """jsonschema validator that fills `default`s while it walks the config (like snakemake's)."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def fill(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": fill})
+
+
+def _where(error: jsonschema.ValidationError) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path]
+    return "".join(parts).lstrip(".") or "config"
+
+
+def validate_config(config: dict) -> dict:
+    """A copy of `config` with defaults filled, or ConfigError naming the first bad key/value."""
+    config = copy.deepcopy(config)
+    schema = load_schema()
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    error = jsonschema.exceptions.best_match(validator.iter_errors(config))
+    if error is not None:
+        raise ConfigError(f"config {_where(error)}: {error.message}")
+    _check_backbones(config["backbones"])
+    return config
+
+
+def _check_backbones(backbones: list[dict]) -> None:
+    import timm  # deferred: importing timm costs a second, schema errors should not
+
+    from pipeline.backbones import check_layer
+
+    seen = set()
+    for i, entry in enumerate(backbones):
+        name = entry["name"]
+        if name in seen:
+            raise ConfigError(f"config backbones[{i}].name: '{name}' is listed twice")
+        seen.add(name)
+        if not timm.is_model(name):
+            raise ConfigError(f"config backbones[{i}].name: unknown timm model '{name}'")
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+        for layer in entry["layers"]:
+            try:
+                check_layer(model, name, layer)
+            except ValueError as exc:
+                raise ConfigError(f"config backbones[{i}].layers: {exc}") from None
+
+
+def load_config(path: str | Path) -> dict:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(
+            f"config file '{path}' is not valid YAML: {exc}".splitlines()[0]
+        ) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping, got {type(raw).__name__}")
+    return validate_config(raw)
+
+
+def redact_url(url: str) -> str:
+    """Drop user:password@ from a URL so it can go into metadata and logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def public_config(config: dict) -> dict:
+    """The config as recorded in a store: URLs without credentials."""
+    config = copy.deepcopy(config)
+    for key in ("source", "store"):
+        config[key] = redact_url(config[key])
+    return config
+
+
+def groups_of(config: dict) -> dict[str, list[str]]:
+    """Backbone names per job group, in config order."""
+    groups: dict[str, list[str]] = {}
+    for entry in config["backbones"]:
+        groups.setdefault(entry["group"], []).append(entry["name"])
+    return groups

@@ -1,0 +1,171 @@
+"""The embedded demo image collection: real photos that ship inside installed wheels.
+
+The pipeline needs an image collection that exists on every machine, without network, so that a
+demo run and the tests exercise the same code as a real run. scikit-image (``skimage.data``,
+including the ``lfw_subset`` faces) and matplotlib (``get_sample_data``) ship real photographs in
+their wheels; only the files bundled with the wheel are used (loaders that need ``pooch`` downloads
+are left out). ``build_demo_images`` writes them as ordinary JPEG/PNG files in class sub-folders,
+with the same bytes on every build.
+
+On purpose, one file is broken: ``food/coffee_truncated.jpg`` holds the first half of
+``food/coffee.jpg``'s bytes, so that a demo run shows how an undecodable image is recorded as a
+skip instead of failing the run.
+
+Usage: ``python -m pipeline.demo OUT_DIR``
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+Loader = Callable[[], np.ndarray]
+
+COMPLETE_MARKER = ".complete"
+IMAGE_SUFFIXES = (".jpg", ".png")
+JPEG_QUALITY = 95
+TRUNCATED = ("food", "coffee_truncated.jpg", "coffee.jpg")  # class, file, file it is cut from
+LFW_FACES = 8  # lfw_subset(): the first 100 of its 200 images are faces
+
+
+def _skimage(name: str) -> Loader:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        return getattr(skimage.data, name)()
+
+    return load
+
+
+def _gray(load: Loader) -> Loader:
+    return lambda: np.asarray(Image.fromarray(load()).convert("L"))
+
+
+def _motorcycle() -> np.ndarray:
+    import skimage.data
+
+    return skimage.data.stereo_motorcycle()[0]
+
+
+def _lfw_face(index: int) -> Loader:
+    def load() -> np.ndarray:
+        import skimage.data
+
+        return np.round(skimage.data.lfw_subset()[index] * 255).astype(np.uint8)
+
+    return load
+
+
+def _grace_hopper() -> np.ndarray:
+    from matplotlib.cbook import get_sample_data
+
+    with get_sample_data("grace_hopper.jpg") as f, Image.open(f) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _brain_mri() -> np.ndarray:
+    """Sagittal MRI slice: 256x256 big-endian uint16 with values 0..215."""
+    from matplotlib.cbook import get_sample_data
+
+    with get_sample_data("s1045.ima.gz") as f:
+        return np.frombuffer(f.read(), ">u2").reshape(256, 256).astype(np.uint8)
+
+
+DEMO_CLASSES: dict[str, tuple[tuple[str, Loader], ...]] = {
+    "animals": (
+        ("chelsea.jpg", _skimage("chelsea")),
+        ("chelsea_gray.png", _gray(_skimage("chelsea"))),
+    ),
+    "food": (("coffee.jpg", _skimage("coffee")),),
+    "people": (
+        ("astronaut.jpg", _skimage("astronaut")),
+        ("cameraman.png", _skimage("camera")),
+        ("grace_hopper.jpg", _grace_hopper),
+        *((f"lfw_face_{i:02d}.png", _lfw_face(i)) for i in range(LFW_FACES)),
+    ),
+    "space": (
+        ("hubble_deep_field.jpg", _skimage("hubble_deep_field")),
+        ("moon.png", _skimage("moon")),
+        ("rocket.jpg", _skimage("rocket")),
+    ),
+    "medical": (
+        ("retina.jpg", _skimage("retina")),
+        ("immunohistochemistry.jpg", _skimage("immunohistochemistry")),
+        ("microaneurysms.png", _skimage("microaneurysms")),
+        ("cells.png", _skimage("cell")),
+        ("brain_mri.png", _brain_mri),
+    ),
+    "textures": (
+        ("brick.png", _skimage("brick")),
+        ("grass.png", _skimage("grass")),
+        ("gravel.png", _skimage("gravel")),
+    ),
+    "objects": (
+        ("motorcycle.jpg", _motorcycle),
+        ("clock.png", _skimage("clock")),
+        ("coins.png", _skimage("coins")),
+    ),
+}
+
+
+def _encode(pixels: np.ndarray, file_name: str) -> bytes:
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if file_name.endswith(".jpg"):
+        image.save(buf, format="JPEG", quality=JPEG_QUALITY)
+    else:
+        image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _count_images(out: Path) -> int:
+    return sum(1 for p in out.glob("*/*") if p.suffix in IMAGE_SUFFIXES)
+
+
+def build_demo_images(out_dir: str) -> int:
+    """Write the demo collection (class sub-folders of ordinary JPEG/PNG files) once.
+
+    Returns the number of image files, the deliberately truncated one included. Idempotent: a
+    finished folder (marked by a ``.complete`` file written last) is left untouched; an unfinished
+    one is completed by rewriting every file.
+    """
+    out = Path(out_dir)
+    if (out / COMPLETE_MARKER).exists():
+        return _count_images(out)
+    encoded: dict[tuple[str, str], bytes] = {}
+    for class_name, files in DEMO_CLASSES.items():
+        (out / class_name).mkdir(parents=True, exist_ok=True)
+        for file_name, load in files:
+            data = _encode(load(), file_name)
+            _write_atomic(out / class_name / file_name, data)
+            encoded[class_name, file_name] = data
+    class_name, file_name, source = TRUNCATED
+    whole = encoded[class_name, source]
+    _write_atomic(out / class_name / file_name, whole[: len(whole) // 2])
+    count = _count_images(out)
+    _write_atomic(out / COMPLETE_MARKER, f"featinv demo collection: {count} images\n".encode())
+    return count
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m pipeline.demo OUT_DIR")
+    print(f"{build_demo_images(sys.argv[1])} demo images in {sys.argv[1]}")

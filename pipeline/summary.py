@@ -1,0 +1,94 @@
+"""The end-of-run summary: what was written, what was skipped and why, sizes, and a proof that the
+stored features are real (a pretrained classifier's head applied to its own stored feature maps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from timm.data import ImageNetInfo
+
+from pipeline.weights import create_backbone
+from storage_specs.reader import FeatureStore, open_store
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.2f} MB"
+
+
+def format_summary(store: FeatureStore) -> list[str]:
+    info = store.describe()
+    state = "complete" if info["complete"] else "NOT finalized"
+    lines = [f"store {info['url']} ({info['spec']}, {state})"]
+    if info["complete"]:
+        lines.append(
+            f"samples: {info['n_samples']} listed, {info['n_valid']} written, "
+            f"{len(info['skipped'])} skipped"
+        )
+        lines += [f"  skipped {s['key']}: {s['reason']}" for s in info["skipped"]]
+    stored = raw = 0
+    lines.append(f"arrays: {len(info['arrays'])}")
+    for path, a in info["arrays"].items():
+        ratio = a["stored_bytes"] / a["raw_fp32_bytes"] if a["raw_fp32_bytes"] else 0.0
+        weights = "pretrained" if a["pretrained"] else "random weights"
+        lines.append(
+            f"  {path:45s} {a['shape']!s:22s} {a['dtype']}  {_mb(a['stored_bytes'])} "
+            f"= {ratio:.2f}x raw fp32  ({weights})"
+        )
+        stored, raw = stored + a["stored_bytes"], raw + a["raw_fp32_bytes"]
+    if raw:
+        lines.append(f"bytes on disk {_mb(stored)} vs raw fp32 {_mb(raw)}: {stored / raw:.2f}x")
+    return lines
+
+
+def head_layers(model: torch.nn.Module, layers: list[str], input_size: list[int]) -> list[str]:
+    """The stored layers whose output is exactly what the classifier head consumes."""
+    from pipeline.backbones import LayerTaps
+
+    x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        final = model.forward_features(x)
+        if final.ndim != 4:
+            return []
+        taps = LayerTaps(model, tuple(layers))(x)
+    return [
+        name
+        for name, (grid, _) in taps.items()
+        if grid.shape == final.shape and torch.equal(grid, final)
+    ]
+
+
+def top1_lines(store: FeatureStore, max_samples: int = 6) -> list[str]:
+    """Top-1 ImageNet classes from the stored features of each pretrained 1000-class backbone."""
+    samples = store.samples()
+    rows = np.flatnonzero(samples["valid"])[:max_samples]
+    lines = []
+    for path in store.arrays():
+        arr = store.root[path]
+        attrs = arr.attrs
+        if not attrs["pretrained"] or attrs["kind"] != "spatial" or not len(rows):
+            continue
+        model, _ = create_backbone(attrs["backbone"], attrs["weights"]["source"])
+        if getattr(model, "num_classes", 0) != 1000:
+            continue
+        if attrs["layer"] not in head_layers(
+            model, [attrs["layer"]], attrs["preprocessing"]["input_size"]
+        ):
+            continue
+        features = torch.from_numpy(store.read_rows(path, rows).astype(np.float32))
+        with torch.inference_mode():
+            top1 = model.forward_head(features).argmax(dim=1).tolist()
+        names = ImageNetInfo()
+        lines.append(f"top-1 ImageNet class from stored {path}:")
+        lines += [
+            f"  {samples['key'][row]:32s} -> {cls} {names.index_to_description(cls)}"
+            for row, cls in zip(rows, top1, strict=True)
+        ]
+    return lines
+
+
+def print_summary(url: str, classify: bool = True) -> None:
+    store = open_store(url)
+    lines = format_summary(store)
+    if classify and store.complete:
+        lines += top1_lines(store)
+    print("\n".join(lines))

@@ -1,0 +1,119 @@
+"""Read a featinv store: samples, feature arrays, shard-aware row access, and a summary.
+
+Plain zarr reads a store too (SPEC.md says how); this reader adds what plain zarr does not know:
+which rows are valid, where shards begin (a shard read is one request instead of one per chunk),
+and the store's own bookkeeping.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import zarr
+
+from storage_specs.layout import (
+    SAMPLE_FIELDS,
+    SPEC_VERSION,
+    StoreError,
+    feature_arrays,
+    feature_path,
+    n_shards,
+    open_root,
+    prefix_path,
+    shard_range,
+)
+
+
+class FeatureStore:
+    """A read-only view of one store."""
+
+    def __init__(self, url: str):
+        self.url = url
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is an extension
+            self.root = open_root(url)
+        spec = self.root.attrs.get("featinv_spec")
+        if spec != SPEC_VERSION:
+            raise StoreError(f"'{url}' is not a {SPEC_VERSION} store (featinv_spec: {spec!r})")
+        self.n_samples: int = self.root.attrs["n_samples"]
+        self.shard_size: int = self.root.attrs["shard_size"]
+        self.complete: bool = self.root.attrs["complete"]
+
+    @property
+    def n_shards(self) -> int:
+        return n_shards(self.n_samples, self.shard_size)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.root["samples"].attrs["classes"])
+
+    def samples(self) -> dict[str, np.ndarray]:
+        """All per-sample fields (key, source, label, height, width, valid, error)."""
+        return {field: self.root[f"samples/{field}"][:] for field in SAMPLE_FIELDS}
+
+    def arrays(self) -> list[str]:
+        return feature_arrays(self.root)
+
+    def array(self, backbone: str, layer: str, prefix_tokens: bool = False) -> zarr.Array:
+        path = (prefix_path if prefix_tokens else feature_path)(backbone, layer)
+        if path not in self.root:
+            raise StoreError(f"{self.url} has no {path} (arrays: {', '.join(self.arrays())})")
+        return self.root[path]
+
+    def read_shard(self, path: str, shard: int) -> np.ndarray:
+        """All rows of one shard: one object read, the fastest way through a store."""
+        start, stop = shard_range(shard, self.shard_size, self.n_samples)
+        return self.root[path][start:stop]
+
+    def read_rows(self, path: str, rows: Sequence[int]) -> np.ndarray:
+        """Rows in the order given; rows are grouped by shard so each shard is visited once."""
+        rows = np.asarray(rows, dtype=np.int64)
+        arr = self.root[path]
+        out = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
+        for shard in np.unique(rows // self.shard_size):
+            where = np.flatnonzero(rows // self.shard_size == shard)
+            start, stop = shard_range(int(shard), self.shard_size, self.n_samples)
+            if len(where) * 4 >= stop - start:  # dense: one read of the whole shard
+                out[where] = arr[start:stop][rows[where] - start]
+            else:  # sparse: one chunk per row
+                for i in where:
+                    out[i] = arr[int(rows[i])]
+        return out
+
+    def describe(self) -> dict:
+        """Counts, skip reasons and sizes, as `featinv info` prints them."""
+        samples = self.samples()
+        valid = samples["valid"]
+        arrays = {}
+        for path in self.arrays():
+            arr = self.root[path]
+            per_sample = int(np.prod(arr.shape[1:]))
+            arrays[path] = {
+                "shape": list(arr.shape),
+                "dtype": arr.attrs["dtype"],
+                "stored_bytes": arr.nbytes_stored(),
+                "raw_fp32_bytes": int(valid.sum()) * per_sample * 4,
+                "pretrained": arr.attrs["pretrained"],
+            }
+        skipped = [
+            {"key": k, "source": s, "reason": e}
+            for k, s, e, v in zip(
+                samples["key"], samples["source"], samples["error"], valid, strict=True
+            )
+            if not v
+        ]
+        return {
+            "url": self.url,
+            "spec": SPEC_VERSION,
+            "complete": self.complete,
+            "n_samples": self.n_samples,
+            "n_valid": int(valid.sum()) if self.complete else None,
+            "skipped": skipped if self.complete else None,
+            "arrays": arrays,
+        }
+
+
+def open_store(url: str) -> FeatureStore:
+    return FeatureStore(url)

@@ -1,0 +1,164 @@
+"""Check a store against SPEC.md: metadata, shapes, commits, every checksum, finite values.
+
+Returns problems instead of raising on the first one, so a user sees everything that is wrong with
+a store in one run; each problem names the array and shard it concerns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from importlib import resources
+
+import jsonschema
+import numpy as np
+import zarr
+from tqdm import tqdm
+from zarr.core.sync import sync
+
+from storage_specs.layout import (
+    FEATURE_DIMS,
+    PREFIX_DIMS,
+    SAMPLE_FIELDS,
+    SPEC_VERSION,
+    StoreError,
+    feature_arrays,
+    n_shards,
+    open_root,
+    read_commit,
+    shard_range,
+)
+
+
+def load_schema() -> dict:
+    return json.loads((resources.files("storage_specs") / "store.schema.json").read_text())
+
+
+def _schema_problems(attrs: dict, definition: str, where: str) -> list[str]:
+    schema = load_schema()
+    validator = jsonschema.Draft202012Validator({**schema, "$ref": f"#/$defs/{definition}"})
+    return [
+        f"{where}: attribute {'/'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+        for e in validator.iter_errors(dict(attrs))
+    ]
+
+
+def validate_store(
+    url: str, check_data: bool = True, progress: bool = False, require_complete: bool = True
+) -> list[str]:
+    """Every problem found in the store at `url`; empty when it conforms to the spec.
+
+    `require_complete=False` is for the finalising step, which validates before it marks the
+    store complete.
+    """
+    try:
+        root = open_root(url)
+    except StoreError as exc:
+        return [str(exc)]
+    spec = root.attrs.get("featinv_spec")
+    if spec != SPEC_VERSION:
+        return [f"{url}: featinv_spec is {spec!r}, this validator reads {SPEC_VERSION!r}"]
+    problems = _schema_problems(root.attrs, "root", "root")
+    if problems:
+        return problems
+    if require_complete and not root.attrs["complete"]:
+        problems.append(
+            "root: store is not finalized (complete: false); run the pipeline to the end"
+        )
+    problems += _sample_problems(root)
+    arrays = feature_arrays(root)
+    problems += [p for path in arrays for p in _array_problems(root, path)]
+    problems += _commit_problems(root, arrays)
+    if check_data and not problems:
+        problems += _data_problems(root, arrays, progress)
+    return problems
+
+
+def _sample_problems(root: zarr.Group) -> list[str]:
+    if "samples" not in root:
+        return ["samples: group missing"]
+    problems = _schema_problems(root["samples"].attrs, "samples", "samples")
+    n = root.attrs["n_samples"]
+    for field in SAMPLE_FIELDS:
+        path = f"samples/{field}"
+        if path not in root:
+            problems.append(f"{path}: array missing")
+        elif root[path].shape != (n,):
+            problems.append(f"{path}: shape {root[path].shape}, expected ({n},)")
+    if not problems:
+        valid, error = root["samples/valid"][:], root["samples/error"][:]
+        if any(bool(v) == bool(e) for v, e in zip(valid, error, strict=True)):
+            problems.append("samples/error: must be empty exactly for valid samples")
+    return problems
+
+
+def _array_problems(root: zarr.Group, path: str) -> list[str]:
+    arr = root[path]
+    problems = _schema_problems(arr.attrs, "array", path)
+    dims = PREFIX_DIMS if path.startswith("prefix_tokens/") else FEATURE_DIMS
+    n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
+    if arr.shape[0] != n or arr.ndim != len(dims):
+        problems.append(f"{path}: shape {arr.shape} does not have {n} samples and dims {dims}")
+    if tuple(arr.metadata.dimension_names or ()) != dims:
+        problems.append(f"{path}: dimension_names {arr.metadata.dimension_names}, expected {dims}")
+    if arr.chunks != (1, *arr.shape[1:]) or arr.shards != (shard_size, *arr.shape[1:]):
+        problems.append(f"{path}: chunks {arr.chunks} / shards {arr.shards} break the layout")
+    codecs = json.dumps(arr.metadata.to_dict()["codecs"])
+    if '"crc32c"' not in codecs.split('"index_codecs"')[0]:
+        problems.append(f"{path}: chunks carry no crc32c checksum")
+    return problems
+
+
+def _commit_problems(root: zarr.Group, arrays: list[str]) -> list[str]:
+    problems = []
+    n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
+    for group, backbones in root.attrs["groups"].items():
+        expected = sorted(p for p in arrays if p.split("/")[1] in backbones)
+        for shard in range(n_shards(n, shard_size)):
+            record = read_commit(root, group, shard)
+            where = f"commits/{group}/{shard:05d}"
+            if record is None:
+                problems.append(f"{where}: shard {shard} of group {group} is not committed")
+                continue
+            problems += _schema_problems(record, "commit", where)
+            if (record.get("start"), record.get("stop")) != shard_range(shard, shard_size, n):
+                problems.append(f"{where}: rows {record.get('start')}-{record.get('stop')} wrong")
+            if record.get("arrays") != expected:
+                problems.append(f"{where}: commits {record.get('arrays')}, expected {expected}")
+    return problems
+
+
+def _shard_exists(arr: zarr.Array, shard: int) -> bool:
+    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+    return sync(arr.store_path.store.exists(f"{arr.path}/{key}"))
+
+
+def _shards(root: zarr.Group) -> Iterator[tuple[int, int, int]]:
+    n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
+    for shard in range(n_shards(n, shard_size)):
+        yield (shard, *shard_range(shard, shard_size, n))
+
+
+def _data_problems(root: zarr.Group, arrays: list[str], progress: bool) -> list[str]:
+    """Read every shard of every array: crc32c of each chunk and of each shard index, finiteness."""
+    problems = []
+    valid = root["samples/valid"][:]
+    shards = list(_shards(root))
+    for path in tqdm(arrays, desc="validate", unit="array", disable=not progress):
+        arr = root[path]
+        for shard, start, stop in shards:
+            where = f"{path} shard {shard} (samples {start}-{stop - 1})"
+            rows = valid[start:stop]
+            if not rows.any():
+                continue
+            if not _shard_exists(arr, shard):
+                problems.append(f"{where}: shard missing")
+                continue
+            try:
+                data = arr[start:stop]
+            except Exception as exc:  # codec errors: crc32c mismatch, blosc failure, bad index
+                problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
+                continue
+            if not np.isfinite(data[rows]).all():
+                problems.append(f"{where}: NaN or Inf values")
+    return problems
