@@ -17,7 +17,12 @@ from snakemake.utils import validate
 
 from pipeline.config import SCHEMA_PATH, ConfigError, public_config, validate_config
 
-configfile: "config/config.yaml"
+# The embedded demo config, unless the user passes --configfile (then only theirs counts, so no
+# demo value leaks into a real run).
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
 
 try:
     validate_config(config)  # one-line errors for people; snakemake's own check below fills defaults

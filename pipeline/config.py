@@ -43,7 +43,8 @@ def _with_defaults(validator_class):
 
 def _where(error: jsonschema.ValidationError) -> str:
     parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path]
-    return "".join(parts).lstrip(".") or "config"
+    where = "".join(parts).lstrip(".")
+    return f"config {where}" if where else "config"
 
 
 def validate_config(config: dict) -> dict:
@@ -53,7 +54,7 @@ def validate_config(config: dict) -> dict:
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
-        raise ConfigError(f"config {_where(error)}: {error.message}")
+        raise ConfigError(f"{_where(error)}: {error.message}")
     _check_backbones(config["backbones"])
     return config
 

@@ -57,10 +57,17 @@ def head_layers(model: torch.nn.Module, layers: list[str], input_size: list[int]
     ]
 
 
-def top1_lines(store: FeatureStore, max_samples: int = 6) -> list[str]:
+def example_rows(samples: dict[str, np.ndarray], max_rows: int = 8) -> np.ndarray:
+    """The first valid sample of each class (or the first valid samples when unlabeled)."""
+    valid = np.flatnonzero(samples["valid"])
+    _, first = np.unique(samples["label"][valid], return_index=True)
+    return valid[np.sort(first)][:max_rows] if len(first) > 1 else valid[:max_rows]
+
+
+def top1_lines(store: FeatureStore) -> list[str]:
     """Top-1 ImageNet classes from the stored features of each pretrained 1000-class backbone."""
     samples = store.samples()
-    rows = np.flatnonzero(samples["valid"])[:max_samples]
+    rows = example_rows(samples)
     lines = []
     for path in store.arrays():
         arr = store.root[path]
