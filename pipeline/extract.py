@@ -27,6 +27,7 @@ from storage_specs.layout import (
     read_commit,
     shard_range,
     write_commit,
+    write_shard,
 )
 
 
@@ -103,9 +104,9 @@ class ShardWriter:
             )
         self.buffers[path][rows] = stored
 
-    def flush(self, start: int, stop: int) -> None:
+    def flush(self, shard: int) -> None:
         for path, buffer in self.buffers.items():
-            self.root[path][start:stop] = buffer
+            write_shard(self.root[path], shard, buffer)
 
 
 def run_batch(backbones: list[Backbone], batch: list[dict], writer: ShardWriter, autocast) -> None:
@@ -148,7 +149,7 @@ def extract_shard(config: dict, group: str, shard: int, progress: bool = True) -
     backbones = [load_backbone(spec, config["seed"], str(device)) for spec in specs]
     writer = ShardWriter(root, backbones, stop - start, config["dtype"])
     meta = _run(config, backbones, root["samples/source"][start:stop].tolist(), writer, progress)
-    writer.flush(start, stop)
+    writer.flush(shard)
     record = {
         "group": group,
         "shard": shard,

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 SPEC_VERSION = "featinv-store/1"
 FEATURE_DIMS = ("sample", "channel", "y", "x")
@@ -193,6 +194,26 @@ def require_array(
         dimension_names=dims,
         attributes=attrs,
     )
+
+
+def shard_key(arr: zarr.Array, shard: int) -> str:
+    """The store key of one shard object of a per-sample array."""
+    return f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
+
+
+def shard_exists(arr: zarr.Array, shard: int) -> bool:
+    return sync(arr.store_path.store.exists(shard_key(arr, shard)))
+
+
+def write_shard(arr: zarr.Array, shard: int, data: np.ndarray) -> None:
+    """Write all rows of one shard in one go.
+
+    Any object already there is uncommitted debris of an interrupted job (possibly torn), so it is
+    deleted first: zarr would otherwise read it back to merge into, and fail on its checksum.
+    """
+    start, stop = shard_range(shard, arr.shards[0], arr.shape[0])
+    sync(arr.store_path.store.delete(shard_key(arr, shard)))
+    arr[start:stop] = data
 
 
 def write_commit(root: zarr.Group, group: str, shard: int, record: dict) -> None:

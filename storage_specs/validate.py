@@ -14,7 +14,6 @@ import jsonschema
 import numpy as np
 import zarr
 from tqdm import tqdm
-from zarr.core.sync import sync
 
 from storage_specs.layout import (
     FEATURE_DIMS,
@@ -26,6 +25,7 @@ from storage_specs.layout import (
     n_shards,
     open_root,
     read_commit,
+    shard_exists,
     shard_range,
 )
 
@@ -128,11 +128,6 @@ def _commit_problems(root: zarr.Group, arrays: list[str]) -> list[str]:
     return problems
 
 
-def _shard_exists(arr: zarr.Array, shard: int) -> bool:
-    key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-    return sync(arr.store_path.store.exists(f"{arr.path}/{key}"))
-
-
 def _shards(root: zarr.Group) -> Iterator[tuple[int, int, int]]:
     n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
     for shard in range(n_shards(n, shard_size)):
@@ -151,7 +146,7 @@ def _data_problems(root: zarr.Group, arrays: list[str], progress: bool) -> list[
             rows = valid[start:stop]
             if not rows.any():
                 continue
-            if not _shard_exists(arr, shard):
+            if not shard_exists(arr, shard):
                 problems.append(f"{where}: shard missing")
                 continue
             try:

@@ -115,7 +115,7 @@ def test_summary_shows_cat_and_skips(run):
 
 
 def test_rerun_of_finished_store_does_nothing(run):
-    config, _, tmp = run
+    _, _, tmp = run
     before = {p: p.stat().st_mtime_ns for p in (tmp / "store.zarr").rglob("*")}
     result = snakemake(tmp / "config.yaml", tmp, "--cores", "2")
     assert result.returncode == 0
