@@ -71,11 +71,22 @@ def resolve_preprocessing(model: torch.nn.Module, overrides: dict) -> dict:
     return resolve_data_config(args, model=model)
 
 
+def _fixed_patch_grid(model: torch.nn.Module, input_hw: tuple[int, int]) -> bool:
+    """ViT-style models built for one image size reject others unless rebuilt with `img_size`."""
+    patch_embed = getattr(model, "patch_embed", None)
+    img_size = getattr(patch_embed, "img_size", None)
+    dynamic = getattr(patch_embed, "dynamic_img_size", False)
+    return img_size is not None and tuple(img_size) != tuple(input_hw) and not dynamic
+
+
 def load_backbone(spec: BackboneSpec, seed: int = 0, device: str = "cpu") -> Backbone:
     model, weights = create_backbone(spec.name, spec.weights, seed=seed)
     for layer in spec.layers:
         check_layer(model, spec.name, layer)
     data_config = resolve_preprocessing(model, spec.preprocessing)
+    input_hw = tuple(data_config["input_size"][1:])
+    if _fixed_patch_grid(model, input_hw):
+        model, weights = create_backbone(spec.name, spec.weights, seed=seed, img_size=input_hw)
     transform = create_transform(**data_config, is_training=False)
     return Backbone(spec, model.to(device).eval(), weights, data_config, transform)
 

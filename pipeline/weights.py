@@ -70,12 +70,14 @@ class PackageWeights:
     remap: Callable[[StateDict, StateDict], StateDict]  # (checkpoint, model's state dict) -> sd
 
 
-def create_backbone(name: str, weights: str, seed: int = 0) -> tuple[torch.nn.Module, WeightsInfo]:
-    """timm model in eval mode with the requested weights."""
+def create_backbone(
+    name: str, weights: str, seed: int = 0, **model_kwargs
+) -> tuple[torch.nn.Module, WeightsInfo]:
+    """timm model in eval mode with the requested weights (`model_kwargs` go to create_model)."""
     kind = _kind(weights)
     if kind == "random":
-        return _random_backbone(name, seed), WeightsInfo(weights, False, None, seed)
-    model = timm.create_model(name, pretrained=False)
+        return _random_backbone(name, seed, model_kwargs), WeightsInfo(weights, False, None, seed)
+    model = timm.create_model(name, pretrained=False, **model_kwargs)
     if kind == "package:":
         digest = _load_package(model, name, weights)
     else:
@@ -98,10 +100,10 @@ def _kind(weights: str) -> str:
     raise ValueError(f"unknown weights {weights!r}; accepted: {ACCEPTED}")
 
 
-def _random_backbone(name: str, seed: int) -> torch.nn.Module:
+def _random_backbone(name: str, seed: int, model_kwargs: dict) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return timm.create_model(name, pretrained=False).eval()
+        return timm.create_model(name, pretrained=False, **model_kwargs).eval()
 
 
 def _weights_location(model: torch.nn.Module, name: str, weights: str, kind: str) -> str:

@@ -30,10 +30,13 @@ class StoreError(RuntimeError):
     """A store that does not match the spec or the run's plan; the message names the part."""
 
 
-def open_root(url: str, mode: str = "r") -> zarr.Group:
-    """Open a store's root group from a path or fsspec URL (credentials: the environment)."""
+def open_root(url: str, mode: str = "r", consolidated: bool | None = None) -> zarr.Group:
+    """Open a store's root group from a path or fsspec URL (credentials: the environment).
+
+    `consolidated=False` looks at the objects themselves, not the consolidated snapshot.
+    """
     try:
-        return zarr.open_group(url, mode=mode, zarr_format=3)
+        return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=consolidated)
     except FileNotFoundError as exc:
         raise StoreError(f"no featinv store at '{url}'") from exc
 

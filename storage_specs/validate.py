@@ -52,7 +52,7 @@ def validate_store(
     store complete.
     """
     try:
-        root = open_root(url)
+        root = open_root(url, consolidated=False)  # the objects, not a snapshot of them
     except StoreError as exc:
         return [str(exc)]
     spec = root.attrs.get("featinv_spec")

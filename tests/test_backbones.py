@@ -1,0 +1,86 @@
+"""Layer taps match timm's own feature APIs for CNN, ViT (tokens) and Swin (channels-last)."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from pipeline.backbones import BackboneSpec, LayerTaps, load_backbone, probe_shapes, to_grid
+from pipeline.extract import pick_device
+
+X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name).eval()
+
+
+def test_vit_tokens_become_grid_plus_prefix():
+    model = _model("vit_tiny_patch16_224")
+    with torch.inference_mode():
+        taps = LayerTaps(model, ("blocks.3", "blocks.11"))(X)
+        reference = model.forward_intermediates(X, indices=[3, 11], intermediates_only=True)
+    for (grid, prefix), ref in zip(taps.values(), reference, strict=True):
+        assert grid.shape == (2, 192, 14, 14) and prefix.shape == (2, 1, 192)
+        torch.testing.assert_close(grid, ref)
+
+
+def test_register_tokens_are_prefix():
+    model = _model("vit_little_patch16_reg4_gap_256")
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        grid, prefix = LayerTaps(model, ("blocks.2",))(x)["blocks.2"]
+        (ref,) = model.forward_intermediates(x, indices=[2], intermediates_only=True)
+    assert prefix.shape == (1, 4, 320)  # 4 registers, no class token
+    assert grid.shape == (1, 320, 16, 16)
+    torch.testing.assert_close(grid, ref)
+
+
+def test_swin_channels_last_is_stored_channels_first():
+    model = _model("swin_tiny_patch4_window7_224")
+    with torch.inference_mode():
+        grid, prefix = LayerTaps(model, ("layers.1",))(X)["layers.1"]
+        (ref,) = model.forward_intermediates(X, indices=[1], intermediates_only=True)
+    assert prefix is None and grid.shape == (2, 192, 28, 28)
+    torch.testing.assert_close(grid, ref)
+
+
+def test_convnext_block_internals_nhwc():
+    model = _model("convnext_atto")
+    with torch.inference_mode():
+        grid, _ = LayerTaps(model, ("stages.1.blocks.0.mlp",))(X)["stages.1.blocks.0.mlp"]
+    assert grid.shape == (2, 80, 28, 28)
+
+
+def test_taps_stop_early_and_match_full_forward():
+    model = _model("resnet18")
+    with torch.inference_mode():
+        taps = LayerTaps(model, ("layer1", "layer3"))(X)
+        full = model.forward_intermediates(X, indices=[1, 3], intermediates_only=True)
+    torch.testing.assert_close(taps["layer1"][0], full[0])
+    torch.testing.assert_close(taps["layer3"][0], full[1])
+
+
+def test_probe_shapes_and_preprocessing_override():
+    spec = BackboneSpec(
+        "resnet18", "random", ("layer2", "layer4"), preprocessing={"input_size": 160}
+    )
+    backbone = load_backbone(spec)
+    shapes = probe_shapes(backbone)
+    assert shapes["layer2"] == {"grid": (128, 20, 20), "prefix": None, "stride": 8}
+    assert shapes["layer4"]["grid"] == (512, 5, 5)
+    assert backbone.preprocessing_attrs()["input_size"] == [3, 160, 160]
+
+
+def test_unknown_layer_and_bad_output():
+    with pytest.raises(ValueError, match="has no layer 'layer9'"):
+        load_backbone(BackboneSpec("resnet18", "random", ("layer9",)))
+    with pytest.raises(ValueError, match="cannot store a layer output of shape"):
+        to_grid(_model("resnet18"), torch.zeros(2, 10), (224, 224))
+
+
+def test_auto_device_is_cpu_without_gpu():
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto").type == expected

@@ -1,0 +1,98 @@
+"""A bad config stops the run before any work, with one line naming the offending key or value."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, load_config, redact_url, validate_config
+from tests.conftest import snakemake
+
+GOOD = {
+    "source": "data/demo",
+    "store": "stores/x.zarr",
+    "backbones": [{"name": "resnet18", "layers": ["layer3"]}],
+}
+
+
+def test_defaults_are_filled():
+    config = validate_config(GOOD)
+    assert config["shard_size"] == 256 and config["dtype"] == "fp16"
+    assert config["backbones"][0]["weights"] == "random"
+    assert config["backbones"][0]["group"] == "main"
+    assert config["image_limits"]["max_pixels"] == 50_000_000
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"shrad_size": 4}, "'shrad_size' was unexpected"),
+        ({"shard_size": 0}, "config shard_size: 0 is less than the minimum of 1"),
+        ({"dtype": "fp8"}, "config dtype: 'fp8' is not one of"),
+        ({"device": "tpu"}, "config device: 'tpu' does not match"),
+        ({"backbones": []}, "config backbones: [] should be non-empty"),
+        ({"backbones": [{"name": "resnet18"}]}, "config backbones[0]: 'layers' is a required"),
+        (
+            {"backbones": [{"name": "resnet1000", "layers": ["layer3"]}]},
+            "config backbones[0].name: unknown timm model 'resnet1000'",
+        ),
+        (
+            {"backbones": [{"name": "resnet18", "layers": ["layer9"]}]},
+            "config backbones[0].layers: backbone resnet18 has no layer 'layer9'",
+        ),
+        (
+            {
+                "backbones": [
+                    {"name": "resnet18", "layers": ["layer3"], "preprocessing": {"crop_pct": 2}}
+                ]
+            },
+            "config backbones[0].preprocessing.crop_pct: 2 is greater than the maximum of 1",
+        ),
+        (
+            {"backbones": [GOOD["backbones"][0], GOOD["backbones"][0]]},
+            "config backbones[1].name: 'resnet18' is listed twice",
+        ),
+    ],
+)
+def test_bad_values_give_one_line(change, message):
+    with pytest.raises(ConfigError) as err:
+        validate_config({**GOOD, **change})
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_config_files(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("source: [unclosed")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_config(path)
+    path.write_text("- a list")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_cli_and_snakemake_stop_with_one_line(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({**GOOD, "batch_size": "big"}))
+    cli = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "check-config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert cli.returncode == 2
+    assert cli.stderr.strip() == "featinv: error: config batch_size: 'big' is not of type 'integer'"
+    run = snakemake(path, tmp_path, "--cores", "1")
+    assert run.returncode != 0
+    assert "featinv: config batch_size: 'big' is not of type 'integer'" in run.stderr
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "data").exists()
+
+
+def test_credentials_never_recorded():
+    assert redact_url("s3://key:secret@bucket/x.zarr") == "s3://bucket/x.zarr"
+    assert redact_url("https://u:p@host:9000/a") == "https://host:9000/a"
+    assert redact_url("/local/path") == "/local/path"

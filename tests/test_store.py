@@ -1,0 +1,211 @@
+"""The store contract: inputs of every kind, the validator's findings, the reader, dtypes, groups."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import webdataset as wds
+import zarr
+from PIL import Image
+
+from pipeline.config import validate_config
+from storage_specs.layout import StoreError
+from storage_specs.reader import open_store
+from storage_specs.validate import validate_store
+from tests.conftest import build_store, make_config
+
+FAST = [
+    {
+        "name": "resnet18",
+        "weights": "random",
+        "layers": ["layer2", "layer4"],
+        "preprocessing": {"input_size": 64},
+    }
+]
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg(image: Image.Image, **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory) -> Path:
+    """Real photos in every awkward form users have, plus files that are not images at all."""
+    out = tmp_path_factory.mktemp("bad")
+    cat = Image.fromarray(skimage.data.chelsea())
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    rgba = cat.convert("RGBA")
+    rgba.putalpha(128)
+    files = {
+        "cat.png": _png(cat),
+        "cat_named_jpg.jpg": _png(cat),  # PNG bytes under a .jpg name
+        "cat_cmyk.jpg": _jpeg(cat.convert("CMYK")),
+        "cat_gray.png": _png(cat.convert("L")),
+        "red_16bit.png": _png(
+            Image.fromarray(skimage.data.chelsea()[..., 0].astype(np.uint16) * 257)
+        ),
+        "red_8bit.png": _png(Image.fromarray(skimage.data.chelsea()[..., 0])),
+        "cat_palette.png": _png(cat.convert("P")),
+        "cat_rgba.png": _png(rgba),
+        "cat_rgba_on_white.png": _png(
+            Image.alpha_composite(Image.new("RGBA", cat.size, "white"), rgba).convert("RGB")
+        ),
+        "cat_exif.jpg": _jpeg(cat, exif=exif),
+        "tiny.png": _png(Image.new("RGB", (1, 1))),
+        "empty.jpg": b"",
+        "text.png": b"this is not an image\n",
+        "truncated.jpg": _jpeg(cat)[:5000],
+        "bomb.png": _png(Image.new("1", (12000, 12000))),
+        "notes.txt": b"ignored: not an image extension",
+    }
+    for name, data in files.items():
+        (out / name).write_bytes(data)
+    return out
+
+
+def test_bad_inputs_are_skipped_or_converted(bad_inputs, tmp_path):
+    config = make_config(
+        tmp_path, bad_inputs, backbones=FAST, image_limits={"max_pixels": 10_000_000}
+    )
+    store = open_store(build_store(config))
+    s = store.samples()
+    rows = {key: i for i, key in enumerate(s["key"])}
+    assert "notes" not in rows  # not an image extension: listed as ignored, not a sample
+    reasons = {key: s["error"][i] for key, i in rows.items() if not s["valid"][i]}
+    assert set(reasons) == {"tiny", "empty", "text", "truncated", "bomb"}
+    assert reasons["tiny"].startswith("image too small")
+    assert reasons["empty"] == "empty file"
+    assert reasons["text"].startswith("not an image")
+    assert reasons["truncated"].startswith("corrupt image")
+    assert reasons["bomb"].startswith("too many pixels")
+    assert (s["height"][rows["cat_exif"]], s["width"][rows["cat_exif"]]) == (451, 300)
+    assert (s["height"][rows["cat"]], s["width"][rows["cat"]]) == (300, 451)
+    features = store.array("resnet18", "layer2")[:]
+    assert np.array_equal(features[rows["cat"]], features[rows["cat_named_jpg"]])
+    # Transparency is composited over white, exactly as PIL composites it.
+    assert np.array_equal(features[rows["cat_rgba"]], features[rows["cat_rgba_on_white"]])
+    # 16-bit greyscale is scaled to 8 bits, not clipped.
+    assert np.array_equal(features[rows["red_16bit"]], features[rows["red_8bit"]])
+    for name in ("cat_cmyk", "cat_palette", "cat_gray"):
+        a = features[rows["cat"]].astype(np.float32).ravel()
+        b = features[rows[name]].astype(np.float32).ravel()
+        assert np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b) > 0.8, name
+    assert not features[[rows[k] for k in reasons]].any()  # skipped rows hold no data
+    assert validate_store(store.url) == []
+
+
+def test_webdataset_tar_source(tmp_path):
+    tar = tmp_path / "shard-000.tar"
+    photos = {"cat": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
+    with wds.TarWriter(str(tar)) as sink:
+        for i, (key, pixels) in enumerate(photos.items()):
+            sink.write({"__key__": key, "jpg": _jpeg(Image.fromarray(pixels)), "cls": str(i)})
+    store = open_store(build_store(make_config(tmp_path, tar, backbones=FAST)))
+    s = store.samples()
+    assert s["key"].tolist() == ["shard-000/cat", "shard-000/coffee"]
+    assert s["label"].tolist() == [0, 1] and s["valid"].all()
+    assert s["source"][0].startswith("tar://cat.jpg::")
+
+
+def _small_store(small_dir: Path, tmp_path: Path, **overrides) -> str:
+    return build_store(make_config(tmp_path, small_dir, backbones=FAST, **overrides))
+
+
+def test_validator_reports_each_kind_of_damage(small_dir, tmp_path):
+    url = _small_store(small_dir, tmp_path)
+    assert validate_store(url) == []
+
+    def damaged(name: str) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(url, copy)
+        return copy
+
+    nan = damaged("nan.zarr")
+    arr = zarr.open_array(nan / "features/resnet18/layer4", mode="r+")
+    arr[0] = np.nan  # a rewrite with valid checksums but non-finite values
+    assert any("layer4 shard 0" in p and "NaN" in p for p in validate_store(str(nan)))
+
+    missing = damaged("missing.zarr")
+    shutil.rmtree(missing / "features/resnet18/layer2/c/1")
+    assert any("layer2 shard 1" in p and "missing" in p for p in validate_store(str(missing)))
+
+    uncommitted = damaged("uncommitted.zarr")
+    shutil.rmtree(uncommitted / "commits/main/00002")
+    assert any(
+        "shard 2 of group main is not committed" in p for p in validate_store(str(uncommitted))
+    )
+
+    index = damaged("index.zarr")
+    shard = index / "features/resnet18/layer2/c/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[-6] ^= 0xFF  # inside the shard index, which carries its own crc32c
+    shard.write_bytes(bytes(data))
+    assert any("layer2 shard 0" in p and "unreadable" in p for p in validate_store(str(index)))
+
+    version = damaged("version.zarr")
+    meta = json.loads((version / "zarr.json").read_text())
+    meta["attributes"]["featinv_spec"] = "featinv-store/0"
+    meta.pop("consolidated_metadata", None)
+    (version / "zarr.json").write_text(json.dumps(meta))
+    assert "featinv_spec is 'featinv-store/0'" in validate_store(str(version))[0]
+    assert "no featinv store" in validate_store(str(tmp_path / "nothing.zarr"))[0]
+
+
+def test_reader_rows_and_shards(small_dir, tmp_path):
+    store = open_store(_small_store(small_dir, tmp_path))
+    path = "features/resnet18/layer4"
+    everything = store.root[path][:]
+    rows = [7, 0, 5, 6, 1]
+    assert np.array_equal(store.read_rows(path, rows), everything[rows])
+    assert np.array_equal(store.read_shard(path, 1), everything[4:8])
+    info = store.describe()
+    assert info["n_valid"] == 8 and info["skipped"][0]["key"] == "food/coffee_truncated"
+    with pytest.raises(StoreError, match="has no features/resnet18/layer9"):
+        store.array("resnet18", "layer9")
+
+
+@pytest.mark.parametrize(("dtype", "storage"), [("fp32", np.float32), ("bf16", np.float32)])
+def test_storage_dtypes(small_dir, tmp_path, dtype, storage):
+    fp16 = open_store(_small_store(small_dir, tmp_path / "fp16"))
+    other = open_store(_small_store(small_dir, tmp_path / dtype, dtype=dtype))
+    a = other.array("resnet18", "layer4")
+    assert a.dtype == storage and a.attrs["dtype"] == dtype
+    values = a[:]
+    if dtype == "bf16":  # bfloat16 values: the low 16 bits of every float32 are zero
+        assert not (values.view(np.uint32) & 0xFFFF).any()
+    ref = fp16.array("resnet18", "layer4")[:].astype(np.float32)
+    np.testing.assert_allclose(values, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_backbone_groups_commit_separately(small_dir, tmp_path):
+    backbones = [
+        {**FAST[0], "group": "cnn"},
+        {"name": "vit_tiny_patch16_224", "layers": ["blocks.1"], "group": "vit",
+         "preprocessing": {"input_size": 64}},
+    ]  # fmt: skip
+    config = make_config(tmp_path, small_dir, backbones=backbones)
+    store = open_store(build_store(config))
+    root = store.root
+    assert root.attrs["groups"] == {"cnn": ["resnet18"], "vit": ["vit_tiny_patch16_224"]}
+    assert sorted(root["commits"].group_keys()) == ["cnn", "vit"]
+    assert root["features/vit_tiny_patch16_224/blocks.1"].shape == (9, 192, 4, 4)
+    assert validate_store(store.url) == []
+    with pytest.raises(StoreError, match="group 'cnn' holds"):
+        from pipeline.plan import plan_store
+
+        plan_store(validate_config({**config, "backbones": [{**backbones[1], "group": "cnn"}]}))
