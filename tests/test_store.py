@@ -1,4 +1,4 @@
-"""The store contract: inputs of every kind, the validator's findings, the reader, dtypes, groups."""
+"""The store contract: every kind of input, the validator, the reader, dtypes, groups."""
 
 from __future__ import annotations
 
