@@ -76,23 +76,30 @@ def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.float().cpu().numpy().astype(STORAGE_DTYPES[dtype])
 
 
+def planned_arrays(root, backbone: Backbone) -> list[str]:
+    """The store arrays of a backbone's layers (prefix tokens only exist for token models)."""
+    paths = []
+    for layer in backbone.spec.layers:
+        spatial, prefix = (
+            feature_path(backbone.spec.name, layer),
+            prefix_path(backbone.spec.name, layer),
+        )
+        if spatial not in root:
+            raise StoreError(f"{spatial} is not in the store: run the plan step first")
+        paths += [spatial] + ([prefix] if prefix in root else [])
+    return paths
+
+
 class ShardWriter:
     """In-memory rows of every array of the shard, written to the store in one go per array."""
 
     def __init__(self, root, backbones: list[Backbone], n_rows: int, dtype: str):
         self.root, self.dtype = root, dtype
-        self.buffers: dict[str, np.ndarray] = {}
-        for backbone in backbones:
-            for layer in backbone.spec.layers:
-                for path in (
-                    feature_path(backbone.spec.name, layer),
-                    prefix_path(backbone.spec.name, layer),
-                ):
-                    if path in root:
-                        arr = root[path]
-                        self.buffers[path] = np.zeros((n_rows, *arr.shape[1:]), arr.dtype)
-                if feature_path(backbone.spec.name, layer) not in self.buffers:
-                    raise StoreError(f"{feature_path(backbone.spec.name, layer)} is not planned")
+        self.buffers = {
+            path: np.zeros((n_rows, *root[path].shape[1:]), root[path].dtype)
+            for backbone in backbones
+            for path in planned_arrays(root, backbone)
+        }
 
     def put(self, path: str, rows: list[int], values: torch.Tensor) -> None:
         stored = to_storage(values, self.dtype)

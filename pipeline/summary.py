@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from timm.data import ImageNetInfo
 
+from pipeline.backbones import LayerTaps
 from pipeline.weights import create_backbone
 from storage_specs.reader import FeatureStore, open_store
 
@@ -40,21 +41,13 @@ def format_summary(store: FeatureStore) -> list[str]:
     return lines
 
 
-def head_layers(model: torch.nn.Module, layers: list[str], input_size: list[int]) -> list[str]:
-    """The stored layers whose output is exactly what the classifier head consumes."""
-    from pipeline.backbones import LayerTaps
-
+def feeds_head(model: torch.nn.Module, layer: str, input_size: list[int]) -> bool:
+    """Whether the layer's output is exactly what the classifier head consumes."""
     x = torch.randn(1, *input_size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         final = model.forward_features(x)
-        if final.ndim != 4:
-            return []
-        taps = LayerTaps(model, tuple(layers))(x)
-    return [
-        name
-        for name, (grid, _) in taps.items()
-        if grid.shape == final.shape and torch.equal(grid, final)
-    ]
+        grid, _ = LayerTaps(model, (layer,))(x)[layer]
+    return grid.shape == final.shape and torch.equal(grid, final)
 
 
 def example_rows(samples: dict[str, np.ndarray], max_rows: int = 8) -> np.ndarray:
@@ -77,9 +70,7 @@ def top1_lines(store: FeatureStore) -> list[str]:
         model, _ = create_backbone(attrs["backbone"], attrs["weights"]["source"])
         if getattr(model, "num_classes", 0) != 1000:
             continue
-        if attrs["layer"] not in head_layers(
-            model, [attrs["layer"]], attrs["preprocessing"]["input_size"]
-        ):
+        if not feeds_head(model, attrs["layer"], attrs["preprocessing"]["input_size"]):
             continue
         features = torch.from_numpy(store.read_rows(path, rows).astype(np.float32))
         with torch.inference_mode():
