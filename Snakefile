@@ -1,8 +1,10 @@
-"""featinv: `snakemake extract_features` turns an image collection into a feature store.
+"""featinv: `snakemake extract_features` turns an image collection into a feature store;
+`snakemake encode_latents` adds the training targets (pixels, VAE latents) of the same views;
+`snakemake all` does both.
 
 plan (checkpoint: list the source, create/resume the store)
-  -> extract_shard (one job per shard x backbone group; commits its shard in the store)
-  -> finalize (gather commits, validate every chunk, consolidate, print the summary)
+  -> extract_shard (one job per shard x group; commits its shard in the store)
+  -> finalize_<stage> (gather commits, validate every chunk, statistics, consolidate, summary)
 
 The store holds the authoritative commit records; the small JSON files under work_dir are only
 Snakemake's view of them, so losing work_dir costs a re-check, never a re-extraction.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from snakemake.utils import validate
 
-from pipeline.config import SCHEMA_PATH, ConfigError, public_config, validate_config
+from pipeline.config import SCHEMA_PATH, ConfigError, public_config, stage_groups, validate_config
 
 # The embedded demo config, unless the user passes --configfile (then only theirs counts, so no
 # demo value leaks into a real run).
@@ -31,6 +33,7 @@ except ConfigError as exc:
 validate(config, str(SCHEMA_PATH), set_default=True)
 
 DEMO = "data/demo"
+DEMO_VAE = "data/demo_vae"
 FEATINV = f"{sys.executable} -m pipeline.cli"
 _store_id = hashlib.sha256(public_config(config)["store"].encode()).hexdigest()[:10]
 WORK = f"{config['work_dir']}/{Path(config['store'].rstrip('/')).name}-{_store_id}"
@@ -50,10 +53,23 @@ def _write_effective_config() -> None:
 _write_effective_config()
 
 
-rule extract_features:
+STAGES = [stage for stage in ("features", "latents") if stage_groups(config, stage)]
+
+
+rule all:
     default_target: True
     input:
-        f"{WORK}/finalized.json",
+        [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+
+
+rule extract_features:
+    input:
+        f"{WORK}/finalized-features.json",
+
+
+rule encode_latents:
+    input:
+        f"{WORK}/finalized-latents.json" if "latents" in STAGES else [],
 
 
 rule demo_images:
@@ -63,10 +79,25 @@ rule demo_images:
         "{FEATINV} demo-images {DEMO}"
 
 
+rule demo_vae:
+    output:
+        f"{DEMO_VAE}/.complete",
+    shell:
+        "{FEATINV} demo-vae {DEMO_VAE}"
+
+
+def demo_inputs(wildcards):
+    """The demo collection and VAE are built on first use, when the config names them."""
+    uses_vae = any(t.get("model", "").rstrip("/") == DEMO_VAE for t in config["targets"])
+    return [f"{DEMO}/.complete"] * (config["source"].rstrip("/") == DEMO) + [
+        f"{DEMO_VAE}/.complete"
+    ] * uses_vae
+
+
 checkpoint plan:
     input:
+        demo_inputs,
         config=CONFIG_JSON,
-        demo=[f"{DEMO}/.complete"] if config["source"].rstrip("/") == DEMO else [],
     output:
         f"{WORK}/plan.json",
     shell:
@@ -91,7 +122,7 @@ def shard_markers(wildcards):
     plan = json.loads(Path(checkpoints.plan.get().output[0]).read_text())
     return [
         f"{WORK}/shards/{group}/{shard}.json"
-        for group in plan["groups"]
+        for group in plan["stages"][wildcards.stage]
         for shard in range(plan["n_shards"])
     ]
 
@@ -101,6 +132,10 @@ rule finalize:
         shard_markers,
         config=CONFIG_JSON,
     output:
-        f"{WORK}/finalized.json",
+        f"{WORK}/finalized-{{stage}}.json",
+    wildcard_constraints:
+        stage="features|latents",
+    resources:
+        finalize=1,  # one finalize at a time per store (profiles/default caps it at 1)
     shell:
-        "{FEATINV} finalize {input.config} --out {output}"
+        "{FEATINV} finalize {input.config} --stage {wildcards.stage} --out {output}"

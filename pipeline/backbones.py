@@ -8,17 +8,22 @@ layer emits is normalised to the store's layout: a channels-first map `[C, y, x]
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import timm
 import torch
-from timm.data import create_transform, resolve_data_config
+from PIL import Image
+from timm.data import resolve_data_config
+from torchvision.transforms.functional import normalize, to_tensor
 
+from pipeline.views import render_view
 from pipeline.weights import WeightsInfo, create_backbone
+from storage_specs.layout import ArraySpec
 
-PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+# The crop is not per backbone: it is the view (see pipeline.views and the store's `views`).
+PREPROCESSING_KEYS = ("input_size", "interpolation", "mean", "std")
 
 
 @dataclass(frozen=True)
@@ -44,11 +49,20 @@ class BackboneSpec:
 
 @dataclass
 class Backbone:
+    """A backbone as an encoder of views: prepare (in decode workers), encode (in the job)."""
+
     spec: BackboneSpec
     model: torch.nn.Module
     weights: WeightsInfo
     data_config: dict
-    transform: Callable
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def group(self) -> str:
+        return self.spec.group
 
     @property
     def input_hw(self) -> tuple[int, int]:
@@ -57,6 +71,45 @@ class Backbone:
     def preprocessing_attrs(self) -> dict:
         """The resolved timm data config, JSON-able, as recorded in the store."""
         return {k: _jsonable(self.data_config[k]) for k in PREPROCESSING_KEYS}
+
+    def prepare(self, image: Image.Image, views: np.ndarray) -> torch.Tensor:
+        """`[K, 3, H, W]` normalised inputs; view 0 equals timm's eval transform exactly."""
+        cfg = self.data_config
+        return torch.stack(
+            [
+                normalize(to_tensor(render_view(image, v, self.input_hw, cfg["interpolation"])),
+                          cfg["mean"], cfg["std"])
+                for v in views
+            ]
+        )  # fmt: skip
+
+    def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        outputs = {}
+        for layer, (grid, prefix) in LayerTaps(self.model, self.spec.layers)(x.to(device)).items():
+            outputs[f"features/{self.name}/{layer}"] = grid
+            if prefix is not None:
+                outputs[f"prefix_tokens/{self.name}/{layer}"] = prefix
+        return outputs
+
+    def array_specs(self, dtype: str) -> list[ArraySpec]:
+        specs = []
+        for layer, shape in probe_shapes(self).items():
+            attrs = {
+                "backbone": self.name,
+                "layer": layer,
+                "group": self.group,
+                "weights": self.weights.to_attrs(),
+                "pretrained": self.weights.pretrained,
+                "preprocessing": self.preprocessing_attrs(),
+                "stride": shape["stride"],
+            }
+            specs.append(ArraySpec("features", self.name, layer, shape["grid"], dtype, attrs))
+            if shape["prefix"]:
+                specs.append(
+                    ArraySpec("prefix_tokens", self.name, layer, shape["prefix"], dtype, attrs)
+                )
+        return specs
 
 
 def _jsonable(value: Any) -> Any:
@@ -87,8 +140,7 @@ def load_backbone(spec: BackboneSpec, seed: int = 0, device: str = "cpu") -> Bac
     input_hw = tuple(data_config["input_size"][1:])
     if _fixed_patch_grid(model, input_hw):
         model, weights = create_backbone(spec.name, spec.weights, seed=seed, img_size=input_hw)
-    transform = create_transform(**data_config, is_training=False)
-    return Backbone(spec, model.to(device).eval(), weights, data_config, transform)
+    return Backbone(spec, model.to(device).eval(), weights, data_config)
 
 
 def check_layer(model: torch.nn.Module, name: str, layer: str) -> None:

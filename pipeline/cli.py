@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, load_config, stage_groups
 from storage_specs.layout import StoreError
 
 
@@ -36,6 +36,12 @@ def cmd_demo_images(args) -> None:
 
     n = build_demo_images(args.out)
     print(f"demo collection: {n} images in {args.out}")
+
+
+def cmd_demo_vae(args) -> None:
+    from pipeline.demo import build_demo_vae
+
+    print(f"demo VAE: {build_demo_vae(args.out)}")
 
 
 def cmd_plan(args) -> None:
@@ -68,7 +74,8 @@ def cmd_finalize(args) -> None:
     from pipeline.summary import print_summary
 
     config = load_config(args.config)
-    summary = finalize_store(config["store"])
+    groups = None if args.stage == "all" else stage_groups(config, args.stage)
+    summary = finalize_store(config["store"], groups)
     if args.out:
         _write_json_atomic(args.out, summary)
     print_summary(config["store"])
@@ -104,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p = add("demo-images", cmd_demo_images, "build the embedded demo image collection")
     p.add_argument("out")
+    p = add("demo-vae", cmd_demo_vae, "save the tiny demo VAE (diffusers save_pretrained)")
+    p.add_argument("out")
     p = add("plan", cmd_plan, "list the source and create/resume the store")
     p.add_argument("config")
     p.add_argument("--out", help="write the plan JSON here (Snakemake checkpoint)")
@@ -115,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the commit record here (Snakemake marker)")
     p = add("finalize", cmd_finalize, "gather commits, validate, consolidate, summarise")
     p.add_argument("config")
+    p.add_argument(
+        "--stage",
+        choices=["features", "latents", "all"],
+        default="all",
+        help="the groups that must be committed (default: all)",
+    )
     p.add_argument("--out")
     p = add("validate", cmd_validate, "check a store against the spec; exit 1 on any problem")
     p.add_argument("store")

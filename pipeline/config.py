@@ -56,6 +56,7 @@ def validate_config(config: dict) -> dict:
     if error is not None:
         raise ConfigError(f"{_where(error)}: {error.message}")
     _check_backbones(config["backbones"])
+    _check_targets(config["targets"], {entry["name"] for entry in config["backbones"]})
     return config
 
 
@@ -79,6 +80,15 @@ def _check_backbones(backbones: list[dict]) -> None:
                 check_layer(model, name, layer)
             except ValueError as exc:
                 raise ConfigError(f"config backbones[{i}].layers: {exc}") from None
+
+
+def _check_targets(targets: list[dict], taken: set[str]) -> None:
+    for i, entry in enumerate(targets):
+        if entry["name"] in taken:
+            raise ConfigError(f"config targets[{i}].name: '{entry['name']}' is already used")
+        taken.add(entry["name"])
+        if entry["kind"] == "vae" and not entry.get("model"):
+            raise ConfigError(f"config targets[{i}]: a vae target needs 'model' (hub id or folder)")
 
 
 def load_config(path: str | Path) -> dict:
@@ -114,8 +124,14 @@ def public_config(config: dict) -> dict:
 
 
 def groups_of(config: dict) -> dict[str, list[str]]:
-    """Backbone names per job group, in config order."""
+    """Encoder (backbone and target) names per job group, in config order."""
     groups: dict[str, list[str]] = {}
-    for entry in config["backbones"]:
+    for entry in config["backbones"] + config["targets"]:
         groups.setdefault(entry["group"], []).append(entry["name"])
     return groups
+
+
+def stage_groups(config: dict, stage: str) -> list[str]:
+    """The groups a Snakemake stage waits for: `features` (backbones) or `latents` (targets)."""
+    entries = config["backbones"] if stage == "features" else config["targets"]
+    return sorted({entry["group"] for entry in entries})

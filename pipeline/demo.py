@@ -165,6 +165,36 @@ def build_demo_images(out_dir: str) -> int:
     return count
 
 
+# A tiny AutoencoderKL (4 latent channels, downsampling 2x) with seeded random weights: the real
+# diffusers save/load path for the demo and the tests, where no hub model can be downloaded.
+DEMO_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+
+
+def build_demo_vae(out_dir: str) -> Path:
+    """Save the demo VAE with `save_pretrained` once (safetensors; `.complete` written last)."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    out = Path(out_dir)
+    if not (out / COMPLETE_MARKER).exists():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            vae = AutoencoderKL(**DEMO_VAE_CONFIG)
+        vae.save_pretrained(out, safe_serialization=True)
+        _write_atomic(out / COMPLETE_MARKER, b"featinv demo VAE (random weights)\n")
+    return out
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m pipeline.demo OUT_DIR")

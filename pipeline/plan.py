@@ -12,19 +12,10 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.backbones import Backbone, BackboneSpec, load_backbone, probe_shapes
-from pipeline.config import groups_of, public_config
+from pipeline.config import groups_of, public_config, stage_groups
+from pipeline.encoders import load_encoders, resolve_views
 from pipeline.sources import list_source
-from storage_specs.layout import (
-    FEATURE_DIMS,
-    PREFIX_DIMS,
-    STORAGE_DTYPES,
-    create_store,
-    feature_path,
-    n_shards,
-    prefix_path,
-    require_array,
-)
+from storage_specs.layout import create_store, n_shards, require_array
 
 PACKAGES = ("featinv", "torch", "timm", "zarr", "numcodecs", "numpy", "pillow", "fsspec")
 
@@ -60,20 +51,6 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
-def array_attrs(backbone: Backbone, layer: str, kind: str, stride: int, dtype: str) -> dict:
-    return {
-        "backbone": backbone.spec.name,
-        "layer": layer,
-        "kind": kind,
-        "group": backbone.spec.group,
-        "weights": backbone.weights.to_attrs(),
-        "pretrained": backbone.weights.pretrained,
-        "preprocessing": backbone.preprocessing_attrs(),
-        "stride": stride,
-        "dtype": dtype,
-    }
-
-
 def plan_store(config: dict) -> dict:
     """Create or re-check the store for `config` (validated); returns what Snakemake needs."""
     listing = list_source(config["source"])
@@ -85,44 +62,18 @@ def plan_store(config: dict) -> dict:
         labels=[item.label for item in items],
         classes=listing.classes,
         shard_size=config["shard_size"],
+        views=resolve_views(config).to_attrs(),
         groups=groups_of(config),
         provenance=provenance(config),
     )
-    for entry in config["backbones"]:
-        _require_backbone_arrays(
-            root, load_backbone(BackboneSpec.from_config(entry), config["seed"]), config
-        )
+    for encoder in load_encoders(config):
+        for spec in encoder.array_specs(config["dtype"]):
+            require_array(root, spec)
     return {
         "store": public_config(config)["store"],
         "n_samples": len(items),
         "n_shards": n_shards(len(items), config["shard_size"]),
         "groups": groups_of(config),
+        "stages": {stage: stage_groups(config, stage) for stage in ("features", "latents")},
         "ignored": listing.ignored,
     }
-
-
-def _require_backbone_arrays(root, backbone: Backbone, config: dict) -> None:
-    dtype, storage = config["dtype"], STORAGE_DTYPES[config["dtype"]]
-    for layer, shape in probe_shapes(backbone).items():
-        targets = [
-            (feature_path(backbone.spec.name, layer), "spatial", shape["grid"], FEATURE_DIMS)
-        ]
-        if shape["prefix"]:
-            targets.append(
-                (
-                    prefix_path(backbone.spec.name, layer),
-                    "prefix_tokens",
-                    shape["prefix"],
-                    PREFIX_DIMS,
-                )
-            )
-        for path, kind, per_sample, dims in targets:
-            require_array(
-                root,
-                path,
-                per_sample_shape=per_sample,
-                dtype=storage,
-                dims=dims,
-                shard_size=config["shard_size"],
-                attrs=array_attrs(backbone, layer, kind, shape["stride"], dtype),
-            )

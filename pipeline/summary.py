@@ -18,9 +18,14 @@ def _mb(n: int) -> str:
 
 def format_summary(store: FeatureStore) -> list[str]:
     info = store.describe()
-    state = "complete" if info["complete"] else "NOT finalized"
-    lines = [f"store {info['url']} ({info['spec']}, {state})"]
     if info["complete"]:
+        state = "complete"
+    elif info["pending_groups"]:
+        state = f"pending groups: {', '.join(info['pending_groups'])}"
+    else:
+        state = "NOT finalized"
+    lines = [f"store {info['url']} ({info['spec']}, {state})"]
+    if info["skipped"] is not None:
         lines.append(
             f"samples: {info['n_samples']} listed, {info['n_valid']} written, "
             f"{len(info['skipped'])} skipped"
@@ -30,7 +35,7 @@ def format_summary(store: FeatureStore) -> list[str]:
     lines.append(f"arrays: {len(info['arrays'])}")
     for path, a in info["arrays"].items():
         ratio = a["stored_bytes"] / a["raw_fp32_bytes"] if a["raw_fp32_bytes"] else 0.0
-        weights = "pretrained" if a["pretrained"] else "random weights"
+        weights = {True: "pretrained", False: "random weights", None: "target"}[a["pretrained"]]
         lines.append(
             f"  {path:45s} {a['shape']!s:22s} {a['dtype']}  {_mb(a['stored_bytes'])} "
             f"= {ratio:.2f}x raw fp32  ({weights})"
@@ -65,18 +70,18 @@ def top1_lines(store: FeatureStore) -> list[str]:
     for path in store.arrays():
         arr = store.root[path]
         attrs = arr.attrs
-        if not attrs["pretrained"] or attrs["kind"] != "spatial" or not len(rows):
+        if not path.startswith("features/") or not attrs["pretrained"] or not len(rows):
             continue
         model, _ = create_backbone(attrs["backbone"], attrs["weights"]["source"])
         if getattr(model, "num_classes", 0) != 1000:
             continue
         if not feeds_head(model, attrs["layer"], attrs["preprocessing"]["input_size"]):
             continue
-        features = torch.from_numpy(store.read_rows(path, rows).astype(np.float32))
+        features = torch.from_numpy(store.read_rows(path, rows)[:, 0].astype(np.float32))
         with torch.inference_mode():
             top1 = model.forward_head(features).argmax(dim=1).tolist()
         names = ImageNetInfo()
-        lines.append(f"top-1 ImageNet class from stored {path}:")
+        lines.append(f"top-1 ImageNet class from stored {path} (view 0):")
         lines += [
             f"  {samples['key'][row]:32s} -> {cls} {names.index_to_description(cls)}"
             for row, cls in zip(rows, top1, strict=True)
@@ -87,6 +92,6 @@ def top1_lines(store: FeatureStore) -> list[str]:
 def print_summary(url: str, classify: bool = True) -> None:
     store = open_store(url)
     lines = format_summary(store)
-    if classify and store.complete:
+    if classify and "summary" in store.root.attrs:
         lines += top1_lines(store)
     print("\n".join(lines))

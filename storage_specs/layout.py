@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,14 +17,40 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
 
-SPEC_VERSION = "featinv-store/1"
-FEATURE_DIMS = ("sample", "channel", "y", "x")
-PREFIX_DIMS = ("sample", "token", "channel")
+SPEC_VERSION = "featinv-store/2"
+# Per-view dimensions of each kind of per-sample array; every one is [sample, view, ...].
+KINDS = {
+    "features": ("channel", "y", "x"),
+    "prefix_tokens": ("token", "channel"),
+    "latents": ("latent_channel", "latent_y", "latent_x"),
+    "pixels": ("rgb", "pixel_y", "pixel_x"),
+}
 SAMPLE_FIELDS = ("key", "source", "label", "height", "width", "valid", "error")
+VIEW_FIELDS = ("view_box", "view_hflip")
 
 # Storage dtypes. bf16 has no zarr v3 data type yet: values are rounded to bfloat16 and stored as
 # float32, whose zeroed low 16 bits bit-shuffle + zstd reduce to almost nothing.
-STORAGE_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "float32"}
+STORAGE_DTYPES = {"fp16": "float16", "fp32": "float32", "bf16": "float32", "uint8": "uint8"}
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One per-sample array as a stage plans it: `<kind>/<encoder>/<name>`, its per-view shape."""
+
+    kind: str
+    encoder: str
+    name: str
+    per_view_shape: tuple[int, ...]
+    dtype: str  # a key of STORAGE_DTYPES
+    attrs: dict
+
+    @property
+    def path(self) -> str:
+        return f"{self.kind}/{self.encoder}/{self.name}"
+
+    @property
+    def dims(self) -> tuple[str, ...]:
+        return ("sample", "view", *KINDS[self.kind])
 
 
 class StoreError(RuntimeError):
@@ -33,20 +60,15 @@ class StoreError(RuntimeError):
 def open_root(url: str, mode: str = "r", consolidated: bool | None = None) -> zarr.Group:
     """Open a store's root group from a path or fsspec URL (credentials: the environment).
 
-    `consolidated=False` looks at the objects themselves, not the consolidated snapshot.
+    Writers always look at the objects themselves: a consolidated snapshot is stale the moment
+    another job commits.  `consolidated=False` does the same for readers (the validator).
     """
+    if mode != "r":
+        consolidated = False
     try:
         return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=consolidated)
     except FileNotFoundError as exc:
         raise StoreError(f"no featinv store at '{url}'") from exc
-
-
-def feature_path(backbone: str, layer: str) -> str:
-    return f"features/{backbone}/{layer}"
-
-
-def prefix_path(backbone: str, layer: str) -> str:
-    return f"prefix_tokens/{backbone}/{layer}"
 
 
 def commit_path(group: str, shard: int) -> str:
@@ -83,6 +105,7 @@ def create_store(
     labels: Sequence[int],
     classes: Sequence[str],
     shard_size: int,
+    views: dict,
     groups: dict[str, list[str]],
     provenance: dict,
 ) -> zarr.Group:
@@ -91,9 +114,9 @@ def create_store(
     Re-running a plan against an existing store is how runs resume, so the listing must match
     exactly: a changed source would silently misalign rows.
     """
-    root = zarr.open_group(url, mode="a", zarr_format=3)
+    root = zarr.open_group(url, mode="a", zarr_format=3, use_consolidated=False)
     if "featinv_spec" in root.attrs:
-        _check_same_plan(root, url, keys, shard_size)
+        _check_same_plan(root, url, keys, shard_size, views)
         _add_groups(root, groups)
         return root
     n = len(keys)
@@ -103,6 +126,7 @@ def create_store(
             "complete": False,
             "n_samples": n,
             "shard_size": shard_size,
+            "views": views,
             "groups": groups,
             "provenance": provenance,
         }
@@ -129,18 +153,34 @@ def create_store(
             name, shape=(n,), chunks=chunks, dtype=dtype, fill_value=fill,
             dimension_names=("sample",),
         )  # fmt: skip
+    k = views["count"]
+    samples.create_array(
+        "view_box", shape=(n, k, 4), chunks=(chunks[0], k, 4), dtype="float32",
+        dimension_names=("sample", "view", "box"), attributes={"box": ["x0", "y0", "x1", "y1"]},
+    )  # fmt: skip
+    samples.create_array(
+        "view_hflip", shape=(n, k), chunks=(chunks[0], k), dtype="bool",
+        dimension_names=("sample", "view"),
+    )  # fmt: skip
     for group in groups:
         root.require_group(f"commits/{group}")
     return root
 
 
-def _check_same_plan(root: zarr.Group, url: str, keys: Sequence[str], shard_size: int) -> None:
+def _check_same_plan(
+    root: zarr.Group, url: str, keys: Sequence[str], shard_size: int, views: dict
+) -> None:
     if root.attrs["featinv_spec"] != SPEC_VERSION:
         raise StoreError(f"store '{url}' has spec {root.attrs['featinv_spec']}, not {SPEC_VERSION}")
     if root.attrs["shard_size"] != shard_size:
         raise StoreError(
             f"store '{url}' was planned with shard_size {root.attrs['shard_size']}, "
             f"config asks for {shard_size}: use a new store"
+        )
+    if root.attrs["views"] != _json_roundtrip(views):
+        raise StoreError(
+            f"store '{url}' was planned with views {root.attrs['views']}, config asks for "
+            f"{views}: use a new store"
         )
     stored = root["samples/key"][:]
     if len(stored) != len(keys) or any(a != b for a, b in zip(stored, keys, strict=True)):
@@ -163,38 +203,33 @@ def _add_groups(root: zarr.Group, groups: dict[str, list[str]]) -> None:
     root.attrs["groups"] = known
 
 
-def require_array(
-    root: zarr.Group,
-    path: str,
-    *,
-    per_sample_shape: tuple[int, ...],
-    dtype: str,
-    dims: tuple[str, ...],
-    shard_size: int,
-    attrs: dict,
-) -> zarr.Array:
-    """Create a per-sample array (a sample per chunk, `shard_size` per shard) or check it."""
-    n = root.attrs["n_samples"]
-    shape = (n, *per_sample_shape)
-    if path in root:
-        arr = root[path]
+def require_array(root: zarr.Group, spec: ArraySpec) -> zarr.Array:
+    """Create a per-sample array (one sample-view per chunk, `shard_size` samples per shard) or
+    check that the existing one is the same."""
+    n, k = root.attrs["n_samples"], root.attrs["views"]["count"]
+    shape = (n, k, *spec.per_view_shape)
+    dtype = STORAGE_DTYPES[spec.dtype]
+    attrs = {**spec.attrs, "dtype": spec.dtype}
+    if spec.path in root:
+        arr = root[spec.path]
         if arr.shape != shape or arr.dtype != np.dtype(dtype):
             raise StoreError(
-                f"{path} exists with shape {arr.shape} {arr.dtype}; this run would write "
+                f"{spec.path} exists with shape {arr.shape} {arr.dtype}; this run would write "
                 f"{shape} {dtype}: use a new store or delete the array"
             )
-        if dict(arr.attrs) != _json_roundtrip(attrs):
-            raise StoreError(f"{path} exists with different attributes (weights, preprocessing?)")
+        stored = {key: value for key, value in arr.attrs.items() if key in attrs}
+        if stored != _json_roundtrip(attrs):
+            raise StoreError(f"{spec.path} exists with other attributes (weights, preprocessing?)")
         return arr
     return root.create_array(
-        path,
+        spec.path,
         shape=shape,
-        chunks=(1, *per_sample_shape),
-        shards=(shard_size, *per_sample_shape),
+        chunks=(1, 1, *spec.per_view_shape),
+        shards=(root.attrs["shard_size"], k, *spec.per_view_shape),
         dtype=dtype,
         fill_value=0,
         compressors=feature_compressors(),
-        dimension_names=dims,
+        dimension_names=spec.dims,
         attributes=attrs,
     )
 
@@ -232,12 +267,11 @@ def read_commit(root: zarr.Group, group: str, shard: int) -> dict | None:
         return None
 
 
-def feature_arrays(root: zarr.Group) -> list[str]:
-    """Paths of every feature and prefix-token array in the store, sorted."""
+def stored_arrays(root: zarr.Group) -> list[str]:
+    """Paths of every per-sample array (`<kind>/<encoder>/<name>`) in the store, sorted."""
     paths = []
-    for top in ("features", "prefix_tokens"):
-        if top not in root:
-            continue
-        for backbone, group in sorted(root[top].groups()):
-            paths += [f"{top}/{backbone}/{name}" for name, _ in sorted(group.arrays())]
+    for kind in KINDS:
+        if kind in root:
+            for encoder, group in sorted(root[kind].groups()):
+                paths += [f"{kind}/{encoder}/{name}" for name, _ in sorted(group.arrays())]
     return paths

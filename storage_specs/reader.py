@@ -16,13 +16,12 @@ import zarr
 from storage_specs.layout import (
     SAMPLE_FIELDS,
     SPEC_VERSION,
+    VIEW_FIELDS,
     StoreError,
-    feature_arrays,
-    feature_path,
     n_shards,
     open_root,
-    prefix_path,
     shard_range,
+    stored_arrays,
 )
 
 
@@ -50,14 +49,17 @@ class FeatureStore:
         return list(self.root["samples"].attrs["classes"])
 
     def samples(self) -> dict[str, np.ndarray]:
-        """All per-sample fields (key, source, label, height, width, valid, error)."""
-        return {field: self.root[f"samples/{field}"][:] for field in SAMPLE_FIELDS}
+        """All per-sample fields (key, source, label, height, width, valid, error, view_box,
+        view_hflip)."""
+        return {f: self.root[f"samples/{f}"][:] for f in SAMPLE_FIELDS + VIEW_FIELDS}
 
     def arrays(self) -> list[str]:
-        return feature_arrays(self.root)
+        """`<kind>/<encoder>/<name>` of every per-sample array."""
+        return stored_arrays(self.root)
 
-    def array(self, backbone: str, layer: str, prefix_tokens: bool = False) -> zarr.Array:
-        path = (prefix_path if prefix_tokens else feature_path)(backbone, layer)
+    def array(self, encoder: str, name: str, kind: str = "features") -> zarr.Array:
+        """E.g. `array("resnet18", "layer4")`, `array("vae", "mean", kind="latents")`."""
+        path = f"{kind}/{encoder}/{name}"
         if path not in self.root:
             raise StoreError(f"{self.url} has no {path} (arrays: {', '.join(self.arrays())})")
         return self.root[path]
@@ -95,7 +97,7 @@ class FeatureStore:
                 "dtype": arr.attrs["dtype"],
                 "stored_bytes": arr.nbytes_stored(),
                 "raw_fp32_bytes": int(valid.sum()) * per_sample * 4,
-                "pretrained": arr.attrs["pretrained"],
+                "pretrained": arr.attrs.get("pretrained"),
             }
         skipped = [
             {"key": k, "source": s, "reason": e}
@@ -104,13 +106,15 @@ class FeatureStore:
             )
             if not v
         ]
+        summary = self.root.attrs.get("summary")  # present once any stage was finalised
         return {
             "url": self.url,
             "spec": SPEC_VERSION,
             "complete": self.complete,
+            "pending_groups": summary["pending_groups"] if summary else None,
             "n_samples": self.n_samples,
-            "n_valid": int(valid.sum()) if self.complete else None,
-            "skipped": skipped if self.complete else None,
+            "n_valid": int(valid.sum()) if summary else None,
+            "skipped": skipped if summary else None,
             "arrays": arrays,
         }
 

@@ -16,17 +16,17 @@ import zarr
 from tqdm import tqdm
 
 from storage_specs.layout import (
-    FEATURE_DIMS,
-    PREFIX_DIMS,
+    KINDS,
     SAMPLE_FIELDS,
     SPEC_VERSION,
+    VIEW_FIELDS,
     StoreError,
-    feature_arrays,
     n_shards,
     open_root,
     read_commit,
     shard_exists,
     shard_range,
+    stored_arrays,
 )
 
 
@@ -44,12 +44,16 @@ def _schema_problems(attrs: dict, definition: str, where: str) -> list[str]:
 
 
 def validate_store(
-    url: str, check_data: bool = True, progress: bool = False, require_complete: bool = True
+    url: str,
+    check_data: bool = True,
+    progress: bool = False,
+    require_complete: bool = True,
+    groups: list[str] | None = None,
 ) -> list[str]:
     """Every problem found in the store at `url`; empty when it conforms to the spec.
 
-    `require_complete=False` is for the finalising step, which validates before it marks the
-    store complete.
+    The finalising step validates before it marks the store complete (`require_complete=False`),
+    and only the groups whose shards are all committed (`groups`).
     """
     try:
         root = open_root(url, consolidated=False)  # the objects, not a snapshot of them
@@ -62,13 +66,12 @@ def validate_store(
     if problems:
         return problems
     if require_complete and not root.attrs["complete"]:
-        problems.append(
-            "root: store is not finalized (complete: false); run the pipeline to the end"
-        )
+        problems.append("root: store is not complete; run the pipeline to the end")
+    groups = list(root.attrs["groups"]) if groups is None else groups
     problems += _sample_problems(root)
-    arrays = feature_arrays(root)
+    arrays = [p for p in stored_arrays(root) if root[p].attrs.get("group") in groups]
     problems += [p for path in arrays for p in _array_problems(root, path)]
-    problems += _commit_problems(root, arrays)
+    problems += _commit_problems(root, arrays, groups)
     if check_data and not problems:
         problems += _data_problems(root, arrays, progress)
     return problems
@@ -78,13 +81,14 @@ def _sample_problems(root: zarr.Group) -> list[str]:
     if "samples" not in root:
         return ["samples: group missing"]
     problems = _schema_problems(root["samples"].attrs, "samples", "samples")
-    n = root.attrs["n_samples"]
-    for field in SAMPLE_FIELDS:
+    n, k = root.attrs["n_samples"], root.attrs["views"]["count"]
+    shapes = {**{f: (n,) for f in SAMPLE_FIELDS}, "view_box": (n, k, 4), "view_hflip": (n, k)}
+    for field in SAMPLE_FIELDS + VIEW_FIELDS:
         path = f"samples/{field}"
         if path not in root:
             problems.append(f"{path}: array missing")
-        elif root[path].shape != (n,):
-            problems.append(f"{path}: shape {root[path].shape}, expected ({n},)")
+        elif root[path].shape != shapes[field]:
+            problems.append(f"{path}: shape {root[path].shape}, expected {shapes[field]}")
     if not problems:
         valid, error = root["samples/valid"][:], root["samples/error"][:]
         if any(bool(v) == bool(e) for v, e in zip(valid, error, strict=True)):
@@ -94,14 +98,17 @@ def _sample_problems(root: zarr.Group) -> list[str]:
 
 def _array_problems(root: zarr.Group, path: str) -> list[str]:
     arr = root[path]
-    problems = _schema_problems(arr.attrs, "array", path)
-    dims = PREFIX_DIMS if path.startswith("prefix_tokens/") else FEATURE_DIMS
+    kind = path.split("/")[0]
+    problems = _schema_problems(arr.attrs, kind, path)
+    dims = ("sample", "view", *KINDS[kind])
     n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
-    if arr.shape[0] != n or arr.ndim != len(dims):
-        problems.append(f"{path}: shape {arr.shape} does not have {n} samples and dims {dims}")
+    k = root.attrs["views"]["count"]
+    if arr.shape[:2] != (n, k) or arr.ndim != len(dims):
+        problems.append(f"{path}: shape {arr.shape} does not have {n} samples x {k} views, {dims}")
+        return problems
     if tuple(arr.metadata.dimension_names or ()) != dims:
         problems.append(f"{path}: dimension_names {arr.metadata.dimension_names}, expected {dims}")
-    if arr.chunks != (1, *arr.shape[1:]) or arr.shards != (shard_size, *arr.shape[1:]):
+    if arr.chunks != (1, 1, *arr.shape[2:]) or arr.shards != (shard_size, k, *arr.shape[2:]):
         problems.append(f"{path}: chunks {arr.chunks} / shards {arr.shards} break the layout")
     codecs = json.dumps(arr.metadata.to_dict()["codecs"])
     if '"crc32c"' not in codecs.split('"index_codecs"')[0]:
@@ -109,11 +116,11 @@ def _array_problems(root: zarr.Group, path: str) -> list[str]:
     return problems
 
 
-def _commit_problems(root: zarr.Group, arrays: list[str]) -> list[str]:
+def _commit_problems(root: zarr.Group, arrays: list[str], groups: list[str]) -> list[str]:
     problems = []
     n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
-    for group, backbones in root.attrs["groups"].items():
-        expected = sorted(p for p in arrays if p.split("/")[1] in backbones)
+    for group in groups:
+        expected = sorted(p for p in arrays if root[p].attrs["group"] == group)
         for shard in range(n_shards(n, shard_size)):
             record = read_commit(root, group, shard)
             where = f"commits/{group}/{shard:05d}"

@@ -100,3 +100,43 @@ def snakemake(
     if kwargs.pop("background", False):
         return subprocess.Popen(cmd, env=env, start_new_session=True, **kwargs)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+# ---------------------------------------------------------------------------- object storage
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server (moto behind a restartable loopback proxy) for the session; the
+    environment points every client at it (in-process s3fs and subprocesses alike)."""
+    import s3fs
+
+    from tests.s3server import s3_server as start_s3_server
+
+    tmp = tmp_path_factory.mktemp("aws")
+    with start_s3_server() as server, pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+            mp.delenv(name, raising=False)
+        for name, value in server.env(str(tmp)).items():
+            mp.setenv(name, value)
+        s3fs.S3FileSystem.clear_instance_cache()
+        yield server
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3(s3_server):
+    """The session's S3 server, up, with no s3fs client cached from an earlier test."""
+    import s3fs
+
+    s3_server.restart()
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield s3_server
+    s3_server.restart()
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_bucket(s3) -> str:
+    """`s3://<fresh bucket>` on the test server."""
+    return f"s3://{s3.make_bucket()}"
