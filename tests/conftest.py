@@ -89,11 +89,11 @@ def build_store(config: dict) -> str:
 
 
 def snakemake(
-    config_path: Path, workdir: Path, *args: str, **kwargs
+    config_path: Path, workdir: Path, *args: str, targets=("extract_features",), **kwargs
 ) -> subprocess.Popen | subprocess.CompletedProcess:
-    """Run `snakemake extract_features` as a user does (a separate process)."""
+    """Run `snakemake extract_features` (or other targets) as a user does: a separate process."""
     cmd = [
-        sys.executable, "-m", "snakemake", "extract_features", "-s", str(REPO / "Snakefile"),
+        sys.executable, "-m", "snakemake", *targets, "-s", str(REPO / "Snakefile"),
         "--directory", str(workdir), "--configfile", str(config_path), *args,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

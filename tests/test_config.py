@@ -34,6 +34,16 @@ def test_defaults_are_filled():
         ({"dtype": "fp8"}, "config dtype: 'fp8' is not one of"),
         ({"device": "tpu"}, "config device: 'tpu' does not match"),
         ({"backbones": []}, "config backbones: [] should be non-empty"),
+        ({"views": {"count": 0}}, "config views.count: 0 is less than the minimum of 1"),
+        ({"views": {"crop": 1}}, "config views: Additional properties are not allowed ('crop'"),
+        (
+            {"targets": [{"name": "vae", "kind": "vae"}]},
+            "config targets[0]: a vae target needs 'model'",
+        ),
+        (
+            {"targets": [{"name": "resnet18", "kind": "pixels"}]},
+            "config targets[0].name: 'resnet18' is already used",
+        ),
         ({"backbones": [{"name": "resnet18"}]}, "config backbones[0]: 'layers' is a required"),
         (
             {"backbones": [{"name": "resnet1000", "layers": ["layer3"]}]},
@@ -46,10 +56,10 @@ def test_defaults_are_filled():
         (
             {
                 "backbones": [
-                    {"name": "resnet18", "layers": ["layer3"], "preprocessing": {"crop_pct": 2}}
+                    {"name": "resnet18", "layers": ["layer3"], "preprocessing": {"std": [1, 0, 1]}}
                 ]
             },
-            "config backbones[0].preprocessing.crop_pct: 2 is greater than the maximum of 1",
+            "config backbones[0].preprocessing.std[1]: 0 is less than or equal to the minimum of 0",
         ),
         (
             {"backbones": [GOOD["backbones"][0], GOOD["backbones"][0]]},

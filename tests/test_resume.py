@@ -90,15 +90,15 @@ def test_torn_shard_is_rewritten_whole(one_backbone, tmp_path):
     store = Path(config["store"])
     # A job killed while writing shard 1: data half written, no commit record.
     shutil.rmtree(store / "commits/main/00001")
-    torn = store / "features/resnet18/layer4/c/1/0/0/0"
+    torn = store / "features/resnet18/layer4/c/1/0/0/0/0"
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
     assert validate_store(str(store), require_complete=False, check_data=False)
 
     plan_store(config)  # a rerun re-plans: same listing, nothing changes
-    committed = (store / "features/resnet18/layer4/c/0/0/0/0").stat().st_mtime_ns
+    committed = (store / "features/resnet18/layer4/c/0/0/0/0/0").stat().st_mtime_ns
     for shard in range(3):
         extract_shard(config, "main", shard, progress=False)
-    assert (store / "features/resnet18/layer4/c/0/0/0/0").stat().st_mtime_ns == committed
+    assert (store / "features/resnet18/layer4/c/0/0/0/0/0").stat().st_mtime_ns == committed
     finalize_store(config["store"], progress=False)
     assert store_files(store) == store_files(Path(reference["store"]))
 

