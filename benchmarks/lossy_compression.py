@@ -158,16 +158,16 @@ def main() -> None:
             for (label, _, _), r, decode in zip(SETTINGS, rows, speeds, strict=True):
                 ok = r["ratio"] <= GOAL_RATIO and r["rel_l2_max"] <= GOAL_ERROR
                 if ok:
-                    meets.append(f"{layer}: {label} ({r['ratio']:.3f}x, {r['rel_l2_max']:.2e})")
+                    meets.append(f"{layer}: {label} ({r['ratio']:.4f}x, {r['rel_l2_max']:.2e})")
                 print(
-                    f"{label:<28} {r['ratio']:>6.3f} {r['rel_l2_max']:>10.2e} "
+                    f"{label:<28} {r['ratio']:>6.4f} {r['rel_l2_max']:>10.2e} "
                     f"{r['rel_l2_mean']:>9.2e} {r['max_abs_over_range']:>9.2e} "
                     f"{decode:>7.0f} {r['encode']:>7.0f}{'  <- goal' if ok else ''}"
                 )
             for bits in (8, 7):
                 r = per_channel(x, bits)
                 print(
-                    f"{f'ref: per-channel uint{bits}':<28} {r['ratio']:>6.3f} "
+                    f"{f'ref: per-channel uint{bits}':<28} {r['ratio']:>6.4f} "
                     f"{r['rel_l2_max']:>10.2e} {r['rel_l2_mean']:>9.2e} "
                     f"{r['max_abs_over_range']:>9.2e} {'-':>7} {'-':>7}"
                 )

@@ -98,6 +98,14 @@ def cmd_info(args) -> None:
     print_summary(args.store, classify=args.classify)
 
 
+def cmd_export_webdataset(args) -> None:
+    from storage_specs.export import export_webdataset
+
+    features = f"features/{args.backbone}/{args.layer}"
+    tars = export_webdataset(args.store, args.out, features, args.target, args.max_mb * 2**20)
+    print(f"wrote {len(tars)} tar shard(s): {tars[0]} ...")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featinv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "check a store against the spec; exit 1 on any problem")
     p.add_argument("store")
     p.add_argument("--metadata-only", action="store_true", help="skip reading every chunk")
+    p = add("export-webdataset", cmd_export_webdataset, "write webdataset tar shards of an array")
+    p.add_argument("store")
+    p.add_argument("out", help="folder (path or fsspec URL) for 00000.tar, 00001.tar, ...")
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--layer", required=True)
+    p.add_argument("--target", help="also export a target array, e.g. latents/vae/mean")
+    p.add_argument("--max-mb", type=int, default=512, help="tar shard size (default 512 MB)")
     p = add("info", cmd_info, "print a store's summary")
     p.add_argument("store")
     p.add_argument("--no-classify", dest="classify", action="store_false")

@@ -6,14 +6,14 @@ efficientnet_lite0 maps (benchmarks/RESULTS_lossy.md):
 
 - ``bitround`` (numcodecs ``BitRound`` + the lossless chain) is standard, readable by any
   zarr-python with numcodecs, and bounds the relative error of every value, but it keeps sign and
-  exponent bits: it does not get near 0.20x at a relative error of 1e-2.
+  exponent bits: 0.28-0.32x at 0.7-1.3e-2 on dense layers.
 - ``quantize`` (``QuantizeCodec`` + zstd) gets to about 0.20x at a relative L2 error of 1e-2 on
   dense layers (0.03x on sparse ones) because it spends bits where an L2 bound needs them: one
   uniform step per chunk (uniform error is what minimises bits for a given L2 error), chosen per
   chunk as the largest that keeps the chunk's own error in bound, then a prediction of each integer
   from its decoded neighbours (the maps are spatially smooth: the residuals need 0.3-0.5 bits per
-  value less than the integers, -10% bytes).  Per-channel min/max scaling (uint8) spends bits on
-  low-range channels an L2 bound does not need: 0.23x at 8.6e-3.
+  value less than the integers, -10% bytes).  Per-channel min/max scaling spends bits on
+  low-range channels that an L2 bound does not need (uint7: 0.22-0.26x at 0.9-1.1e-2).
 
 Every chain ends in crc32c, so a flipped bit still fails the read.  Readers of ``quantize`` arrays
 need this module imported (it registers the codec with zarr), see ``QuantizeCodec``.

@@ -121,3 +121,42 @@ class FeatureStore:
 
 def open_store(url: str) -> FeatureStore:
     return FeatureStore(url)
+
+
+def _dims(arrays: dict[str, zarr.Array]) -> dict[str, tuple[str, ...]]:
+    """Per-array dimension names for one Dataset: `sample` and `view` are shared; another name
+    is prefixed with its array's path only where two arrays give it different sizes."""
+    sizes: dict[str, set[int]] = {}
+    for arr in arrays.values():
+        for dim, size in zip(arr.metadata.dimension_names, arr.shape, strict=True):
+            sizes.setdefault(dim, set()).add(size)
+    return {
+        path: tuple(
+            dim if len(sizes[dim]) == 1 or dim in ("sample", "view") else f"{path}/{dim}"
+            for dim in arr.metadata.dimension_names
+        )
+        for path, arr in arrays.items()
+    }
+
+
+def open_dataset(url: str, paths: list[str] | None = None):
+    """The store as a lazy `xarray.Dataset` backed by dask (one task per shard).
+
+    Variables: the `samples/` fields, and the per-sample arrays named by their path (all of them
+    by default).  Select valid rows with `ds.isel(sample=ds.valid.values)`.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    store = FeatureStore(url)
+    arrays = {p: store.root[p] for p in (paths or store.arrays())}
+    samples = {f: store.root[f"samples/{f}"] for f in SAMPLE_FIELDS + VIEW_FIELDS}
+    variables = {
+        name: (arr.metadata.dimension_names, da.from_zarr(arr, chunks=arr.chunks), dict(arr.attrs))
+        for name, arr in samples.items()
+    }
+    for path, dims in _dims(arrays).items():
+        arr = arrays[path]
+        variables[path] = (dims, da.from_zarr(arr, chunks=arr.shards), dict(arr.attrs))
+    attrs = {k: v for k, v in store.root.attrs.items() if k != "provenance"}
+    return xr.Dataset(variables, attrs=attrs)

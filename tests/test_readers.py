@@ -1,0 +1,138 @@
+"""Reading a store: plain zarr/xarray/dask by the spec, our xarray and torch readers, webdataset."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import build_store, make_config
+
+BACKBONES = [
+    {"name": "resnet18", "layers": ["layer3", "layer4"], "preprocessing": {"input_size": 64}}
+]
+TARGETS = [{"name": "pixels", "kind": "pixels", "size": 16}]
+
+
+@pytest.fixture(scope="module")
+def store_url(small_dir, tmp_path_factory) -> str:
+    tmp = tmp_path_factory.mktemp("readers")
+    config = make_config(tmp, small_dir, backbones=BACKBONES, targets=TARGETS, views={"count": 3})
+    return build_store(config)
+
+
+def test_plain_zarr_xarray_dask_by_the_spec(store_url):
+    """Only zarr, xarray and dask, following SPEC.md: no featinv module is imported here."""
+    code = f"""
+import dask.array as da, numpy as np, xarray as xr, zarr
+root = zarr.open_group({store_url!r}, mode="r")
+assert root.attrs["featinv_spec"] == "featinv-store/2" and root.attrs["complete"]
+valid = root["samples/valid"][:]
+arr = root["features/resnet18/layer4"]
+x = xr.DataArray(da.from_zarr(arr, chunks=arr.shards), dims=arr.metadata.dimension_names)
+x = x.isel(sample=np.flatnonzero(valid))
+mean = x.astype("float64").mean(dim=("sample", "view", "y", "x")).compute().values
+assert x.dims == ("sample", "view", "channel", "y", "x") and x.shape == (8, 3, 512, 2, 2)
+np.testing.assert_allclose(mean, arr.attrs["channel_stats"]["mean"], rtol=1e-5)
+boxes = root["samples/view_box"][:]
+assert boxes.shape == (9, 3, 4) and (boxes[valid, :, 2] > boxes[valid, :, 0]).all()
+print("ok", root["samples/key"][:][valid][0])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "featinv" not in out.stderr
+    assert out.stdout.split() == ["ok", "animals/chelsea"]
+
+
+def test_open_dataset_is_lazy_and_equal(store_url):
+    import zarr
+
+    from storage_specs.reader import open_dataset
+
+    ds = open_dataset(store_url)
+    layer3 = ds["features/resnet18/layer3"]
+    assert layer3.chunks is not None  # dask-backed
+    assert layer3.dims[2] == "features/resnet18/layer3/channel"  # 256 vs 512 channels
+    assert ds["pixels/pixels/rgb"].dims == ("sample", "view", "rgb", "pixel_y", "pixel_x")
+    valid = ds.isel(sample=ds.valid.values)
+    root = zarr.open_group(store_url, mode="r")
+    np.testing.assert_array_equal(
+        valid["features/resnet18/layer4"].values, root["features/resnet18/layer4"][:][ds.valid]
+    )
+
+
+def test_pair_dataset_with_workers(store_url):
+    import zarr
+
+    from storage_specs.datasets import PairDataset
+
+    ds = PairDataset(store_url, "features/resnet18/layer4", target="pixels/pixels/rgb")
+    assert len(ds) == 8 * 3
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=5, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0),
+        collate_fn=lambda items: items,
+    )  # fmt: skip
+    seen = []
+    root = zarr.open_group(store_url, mode="r")
+    paths = ("features/resnet18/layer4", "pixels/pixels/rgb", "samples/key")
+    features, pixels, keys = (root[p][:] for p in paths)
+    for batch in loader:
+        for item in batch:
+            row, view = item["row"], item["view"]
+            assert np.array_equal(item["features"].numpy(), features[row, view])
+            assert np.array_equal(item["target"].numpy(), pixels[row, view])
+            assert item["key"] == keys[row]
+            seen.append((row, view))
+    assert sorted(seen) == sorted({(r, v) for r, v in seen}) and len(seen) == 24
+    with pytest.raises(IndexError):
+        ds[24]
+
+
+def test_chunk_reader_matches_zarr_and_checks_crc(store_url, tmp_path):
+    import shutil
+
+    import zarr
+
+    from storage_specs.chunks import ChunkReader
+
+    arr = zarr.open_group(store_url, mode="r")["features/resnet18/layer3"]
+    items = [(7, 2), (0, 0), (3, 1), (3, 1), (8, 0), (5, 2)]  # row 3 is the skipped one
+    np.testing.assert_array_equal(
+        ChunkReader(arr).read(items), np.stack([arr[r, v] for r, v in items])
+    )
+
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(store_url, copy)
+    shard = copy / "features/resnet18/layer3/c/0/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x10  # inside the first chunk of shard 0
+    shard.write_bytes(bytes(data))
+    broken = zarr.open_group(str(copy), mode="r")["features/resnet18/layer3"]
+    with pytest.raises(OSError, match="checksum mismatch"):
+        ChunkReader(broken).read([(0, 0)])
+
+
+def test_export_webdataset_reads_back_with_plain_webdataset(store_url, tmp_path):
+    import webdataset as wds
+    import zarr
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "export-webdataset", store_url,
+         str(tmp_path / "wds"),
+         "--backbone", "resnet18", "--layer", "layer4", "--target", "pixels/pixels/rgb"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    root = zarr.open_group(store_url, mode="r")
+    features, pixels = root["features/resnet18/layer4"][:], root["pixels/pixels/rgb"][:]
+    samples = list(wds.WebDataset(str(tmp_path / "wds/00000.tar"), shardshuffle=False).decode())
+    assert len(samples) == 8 * 3
+    for sample in samples:
+        meta = sample["json"]
+        assert sample["__key__"] == f"{meta['key']}/v{meta['view']}"
+        assert np.array_equal(sample["features.npy"], features[meta["row"], meta["view"]])
+        assert np.array_equal(sample["target.npy"], pixels[meta["row"], meta["view"]])
+    assert not list(tmp_path.glob("wds/*.pyd")) and not list(tmp_path.glob("wds/*.pkl"))
