@@ -4,10 +4,11 @@ Subject: ``plan_store`` (untimed), then ``extract_shard`` over every shard of th
 is everything a Snakemake job does: model load, reading files, decoding and preprocessing in a
 DataLoader worker, the forward pass, fp16 conversion, blosc/zstd compression, zarr writes, commits.
 
-Baseline: the same model(s) (``pipeline.weights.create_backbone``, same seed), the same batches
-(per shard, ``--batch-size``), the same ``torch.set_num_threads``, running exactly the forward the
-stage needs (``LayerTaps``: the network up to its deepest requested layer) under
-``torch.inference_mode()`` on images already decoded and preprocessed into tensors in memory.
+Baseline: the same model(s) (``load_encoders``: ``pipeline.weights.create_backbone``, same seed),
+the same batches (per shard, ``--batch-size``), the same ``torch.set_num_threads``, running
+exactly the forward the stage needs (``Backbone.encode``: ``LayerTaps``, the network up to its
+deepest requested layer) under ``torch.inference_mode()``, on the stage's own preprocessed inputs
+(``pipeline.extract.prepare``: decode, eval view, normalise) built beforehand and held in memory.
 
 Images: the demo collection's decodable photos, copied round-robin up to ``--images`` files.
 Subject and baseline alternate shard by shard in one process (after an untimed warm-up), so that
@@ -31,18 +32,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timm.data import create_transform
 from zarr.codecs import BloscCodec, Crc32cCodec
 
-from pipeline.backbones import LayerTaps, resolve_preprocessing
 from pipeline.config import validate_config
-from pipeline.decode import decode_image
+from pipeline.decode import ImageLimits
 from pipeline.demo import IMAGE_SUFFIXES, TRUNCATED, build_demo_images
-from pipeline.extract import extract_shard
+from pipeline.encoders import load_encoders, resolve_views
+from pipeline.extract import extract_shard, prepare
 from pipeline.plan import plan_store
 from pipeline.sources import list_source, read_items
-from pipeline.weights import create_backbone
-from storage_specs import layout
+from storage_specs import codecs, layout
 
 DEFAULT_BACKBONES = [
     {
@@ -71,29 +70,30 @@ def make_images(tmp: Path, n: int) -> Path:
 
 
 class BareForward:
-    """The stage's models and forward passes on preprocessed tensors held in memory."""
+    """The stage's encoders and forward passes on its preprocessed inputs, held in memory."""
 
     def __init__(self, config: dict, images: Path):
-        uris = [item.uri for item in list_source(str(images)).items]
-        pixels = [decode_image(data) for _, data in read_items(uris)]
-        self.runs: list[tuple[LayerTaps, torch.Tensor]] = []
-        for entry in config["backbones"]:
-            model, _ = create_backbone(entry["name"], entry["weights"], seed=config["seed"])
-            model.eval()
-            transform = create_transform(**resolve_preprocessing(model, {}), is_training=False)
-            x = torch.stack([transform(image) for image in pixels])
-            self.runs.append((LayerTaps(model, tuple(entry["layers"])), x))
+        listing = list_source(str(images)).items
+        self.encoders = load_encoders(config, device="cpu")
+        prepares = {encoder.name: encoder.prepare for encoder in self.encoders}
+        views, limits = resolve_views(config), ImageLimits(**config["image_limits"])
+        samples = [
+            prepare(data, item.key, prepares, views, limits)["inputs"]
+            for item, (_, data) in zip(listing, read_items([i.uri for i in listing]), strict=True)
+        ]
+        self.inputs = {e.name: torch.cat([s[e.name] for s in samples]) for e in self.encoders}
+        self.per_sample = views.count
         self.config = config
 
     def run(self, shard: int) -> None:
         """The forward passes of one shard's rows, in the stage's batches."""
         torch.set_num_threads(self.config["threads"])
-        size, batch = self.config["shard_size"], self.config["batch_size"]
+        size, batch, k = self.config["shard_size"], self.config["batch_size"], self.per_sample
         with torch.inference_mode():
-            for taps, x in self.runs:
-                rows = x[shard * size : (shard + 1) * size]
-                for i in range(0, len(rows), batch):
-                    taps(rows[i : i + batch])
+            for encoder in self.encoders:
+                rows = self.inputs[encoder.name][shard * size * k : (shard + 1) * size * k]
+                for i in range(0, len(rows), batch * k):
+                    encoder.encode(rows[i : i + batch * k])
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -144,7 +144,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.diagnose_clevel is not None:
         codec = BloscCodec(cname="zstd", clevel=args.diagnose_clevel, shuffle="bitshuffle")
-        layout.feature_compressors = lambda: [codec, Crc32cCodec()]
+        for module, name in ((codecs, "lossless_compressors"), (layout, "feature_compressors")):
+            if hasattr(module, name):  # where the store's lossless chain comes from
+                setattr(module, name, lambda: [codec, Crc32cCodec()])
     single = {"name": args.backbone, "weights": args.weights, "layers": args.layers}
     with tempfile.TemporaryDirectory(prefix="featinv-bench-") as tmp_dir:
         tmp = Path(tmp_dir)

@@ -35,6 +35,7 @@ class BackboneSpec:
     layers: tuple[str, ...]
     group: str = "main"
     preprocessing: dict = field(default_factory=dict)
+    compression: dict = field(default_factory=dict)
 
     @classmethod
     def from_config(cls, entry: dict) -> BackboneSpec:
@@ -44,6 +45,7 @@ class BackboneSpec:
             layers=tuple(entry["layers"]),
             group=entry.get("group", "main"),
             preprocessing=dict(entry.get("preprocessing") or {}),
+            compression=dict(entry.get("compression") or {}),
         )
 
 
@@ -104,7 +106,8 @@ class Backbone:
                 "preprocessing": self.preprocessing_attrs(),
                 "stride": shape["stride"],
             }
-            specs.append(ArraySpec("features", self.name, layer, shape["grid"], dtype, attrs))
+            specs.append(ArraySpec("features", self.name, layer, shape["grid"], dtype, attrs,
+                                   self.spec.compression))  # fmt: skip
             if shape["prefix"]:
                 specs.append(
                     ArraySpec("prefix_tokens", self.name, layer, shape["prefix"], dtype, attrs)

@@ -82,13 +82,17 @@ def cmd_finalize(args) -> None:
 
 
 def cmd_validate(args) -> None:
-    from storage_specs.validate import validate_store
+    from storage_specs.validate import lossy_errors, validate_store
 
     problems = validate_store(args.store, check_data=not args.metadata_only, progress=True)
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
     if problems:
         sys.exit(1)
+    for path, e in lossy_errors(args.store).items():
+        print(f"{path}: lossy, measured relative L2 error max {e['rel_l2_max']:.3g} "
+              f"(mean {e['rel_l2_mean']:.3g}) on {len(e['rows'])} stored exact samples; "
+              f"bound {e['limit']:.3g}")  # fmt: skip
     print(f"{args.store}: valid")
 
 

@@ -64,6 +64,7 @@ def _check_backbones(backbones: list[dict]) -> None:
     import timm  # deferred: importing timm costs a second, schema errors should not
 
     from pipeline.backbones import check_layer
+    from storage_specs.codecs import compression_codecs
 
     seen = set()
     for i, entry in enumerate(backbones):
@@ -80,6 +81,10 @@ def _check_backbones(backbones: list[dict]) -> None:
                 check_layer(model, name, layer)
             except ValueError as exc:
                 raise ConfigError(f"config backbones[{i}].layers: {exc}") from None
+        try:
+            compression_codecs(entry["compression"], "float32")
+        except ValueError as exc:
+            raise ConfigError(f"config backbones[{i}].compression: {exc}") from None
 
 
 def _check_targets(targets: list[dict], taken: set[str]) -> None:

