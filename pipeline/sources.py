@@ -31,6 +31,13 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9/_-]")
 # webdataset's rule: the key is everything up to the first dot of the basename.
 _WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _NO_IMAGES = "contains no images (.jpg, .png, ...)"
+# Read failures that are the input's own fault (gone, a folder, not readable to us): read_items
+# yields them, and the sample is skipped with the reason. Anything else (connection refused or
+# reset, timeouts, throttling, 5xx, disk errors) is the storage's fault and is raised, so the job
+# fails and its shard is redone by the next run instead of being committed with a good image
+# recorded as unreadable.
+_INPUT_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+_TAR_INPUT_ERRORS = (*_INPUT_ERRORS, tarfile.TarError, EOFError)
 
 
 @dataclass(frozen=True)
@@ -75,9 +82,10 @@ def list_source(url: str) -> Listing:
 
 
 def read_items(uris: Sequence[str]) -> Iterator[tuple[int, bytes | Exception]]:
-    """Yield (position, bytes) for every uri in input order or (position, exception) when it
-    can't be read; tar members are read by streaming each tar once (group consecutive members
-    of the same tar), never by re-indexing the tar per member."""
+    """Yield (position, bytes) for every uri in input order or (position, exception) when the
+    input can't be read (missing, unreadable, a broken tar); storage failures (network,
+    timeouts, server errors) are raised instead. Tar members are read by streaming each tar once
+    (group consecutive members of the same tar), never by re-indexing the tar per member."""
     pos = 0
     while pos < len(uris):
         tar_url = _split_member(uris[pos])[1]
@@ -289,7 +297,7 @@ def _read_file(uri: str) -> bytes | Exception:
     try:
         with fsspec.open(uri, "rb") as fh:
             return fh.read()
-    except Exception as exc:
+    except _INPUT_ERRORS as exc:
         return exc
 
 
@@ -312,7 +320,7 @@ def _read_tar_members(
                 nxt += 1
             if not wanted:
                 break
-    except Exception as exc:
+    except _TAR_INPUT_ERRORS as exc:
         failure: Exception | None = exc
     else:
         failure = None

@@ -15,8 +15,9 @@ efficientnet_lite0 maps (benchmarks/RESULTS_lossy.md):
   value less than the integers, -10% bytes).  Per-channel min/max scaling spends bits on
   low-range channels that an L2 bound does not need (uint7: 0.22-0.26x at 0.9-1.1e-2).
 
-Every chain ends in crc32c, so a flipped bit still fails the read.  Readers of ``quantize`` arrays
-need this module imported (it registers the codec with zarr), see ``QuantizeCodec``.
+Every chain ends in crc32c, so a flipped bit still fails the read.  zarr-python finds
+``featinv.quantize`` through the package's ``zarr.codecs`` entry point once featinv is installed
+(importing this module registers it too); other zarr implementations cannot read it.
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ class QuantizeCodec(ArrayBytesCodec):
             text = f"per value |x' - x| <= {self.max_abs}"
         return {
             "bound": f"{text} (x: values at the storage dtype; verified at encode)",
-            "reader": "import storage_specs.codecs (registers featinv.quantize)",
+            "reader": "zarr-python with featinv installed, or storage_specs.codecs imported",
         }
 
     def validate(self, *, shape: tuple[int, ...], dtype: Any, chunk_grid: Any) -> None:
