@@ -120,6 +120,17 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+def redact_uri(uri: str) -> str:
+    """`redact_url` for every link of an fsspec chain (`tar://member::https://u:p@host/a.tar`)."""
+    return "::".join(redact_url(part) for part in uri.split("::"))
+
+
+def with_credentials(uri: str, source: str) -> str:
+    """Put back the credentials of the config's `source` into a URI stored without them."""
+    public = redact_url(source)
+    return uri.replace(public, source, 1) if public != source else uri
+
+
 def public_config(config: dict) -> dict:
     """The config as recorded in a store: URLs without credentials."""
     config = copy.deepcopy(config)

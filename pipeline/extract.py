@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
+from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits, SkipSample, decode_image
 from pipeline.encoders import Encoder, load_encoders
 from pipeline.sources import read_items
@@ -168,7 +169,7 @@ def extract_shard(config: dict, group: str, shard: int, progress: bool = True) -
         raise StoreError(f"no backbones or targets in group '{group}'")
     writer = ShardWriter(root, group, shard, stop - start)
     items = {
-        "uris": root["samples/source"][start:stop].tolist(),
+        "uris": [with_credentials(u, config["source"]) for u in root["samples/source"][start:stop]],
         "keys": root["samples/key"][start:stop].tolist(),
     }
     views = ViewSpec.from_config(root.attrs["views"])

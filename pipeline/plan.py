@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from pipeline.config import groups_of, public_config, stage_groups
+from pipeline.config import groups_of, public_config, redact_uri, stage_groups
 from pipeline.encoders import load_encoders, resolve_views
 from pipeline.sources import list_source
 from storage_specs.layout import create_store, n_shards, require_array
@@ -58,7 +58,7 @@ def plan_store(config: dict) -> dict:
     root = create_store(
         config["store"],
         keys=[item.key for item in items],
-        sources=[item.uri for item in items],
+        sources=[redact_uri(item.uri) for item in items],  # credentials stay in the config
         labels=[item.label for item in items],
         classes=listing.classes,
         shard_size=config["shard_size"],

@@ -8,7 +8,14 @@ import sys
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, redact_url, validate_config
+from pipeline.config import (
+    ConfigError,
+    load_config,
+    redact_uri,
+    redact_url,
+    validate_config,
+    with_credentials,
+)
 from tests.conftest import snakemake
 
 GOOD = {
@@ -100,6 +107,15 @@ def test_cli_and_snakemake_stop_with_one_line(tmp_path):
     assert run.returncode != 0
     assert "featinv: config batch_size: 'big' is not of type 'integer'" in run.stderr
     assert not (tmp_path / "stores").exists() and not (tmp_path / "data").exists()
+
+
+def test_source_uris_are_stored_without_credentials():
+    source = "https://user:pw@host:8443/shards/a.tar"
+    uri = f"tar://cat.jpg::{source}"
+    public = redact_uri(uri)
+    assert public == "tar://cat.jpg::https://host:8443/shards/a.tar"
+    assert with_credentials(public, source) == uri  # what an extraction job reads
+    assert with_credentials("file:///x/a.jpg", "/x") == "file:///x/a.jpg"
 
 
 def test_credentials_never_recorded():
