@@ -1,7 +1,8 @@
 """Store size and decode speed of real feature arrays, against raw fp32 and against bare blosc.
 
 Builds a store from the demo collection with the default config (``config/config.yaml``: its
-backbones, layers, shard size, fp16), through the stage's Python API (plan, extract, finalize).
+backbones, layers, views, shard size, fp16; lossless; its ``targets`` left out), through the
+stage's Python API (plan, extract, finalize).
 
 Size, per array: stored bytes (``nbytes_stored()``: chunks, shard indexes, metadata) over raw fp32
 bytes (n_valid x per-sample elements x 4). Lossless with respect to the fp16 the stage stores.

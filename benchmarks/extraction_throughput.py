@@ -15,8 +15,7 @@ Subject and baseline alternate shard by shard in one process (after an untimed w
 load from other processes hits both; the result is the median of per-repeat ratios
 stage images/s / bare images/s (goal: >= 0.9), and the ratio of the best repeats.
 
-``--diagnose-clevel N`` swaps the store's blosc level (a diagnostic, not the product) to show
-how much of the gap is compression.
+Diagnostics: ``--breakdown`` also times each piece of the stage alone (best of ``--repeats``),
 
 Usage: ``.venv/bin/python benchmarks/extraction_throughput.py [--all-default-backbones]``
 """
@@ -31,17 +30,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
-from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.config import validate_config
 from pipeline.decode import ImageLimits
 from pipeline.demo import IMAGE_SUFFIXES, TRUNCATED, build_demo_images
 from pipeline.encoders import load_encoders, resolve_views
-from pipeline.extract import extract_shard, prepare
+from pipeline.extract import extract_shard, prepare, to_storage
 from pipeline.plan import plan_store
 from pipeline.sources import list_source, read_items
-from storage_specs import codecs, layout
+from storage_specs.layout import open_root, write_shard
 
 DEFAULT_BACKBONES = [
     {
@@ -73,27 +72,33 @@ class BareForward:
     """The stage's encoders and forward passes on its preprocessed inputs, held in memory."""
 
     def __init__(self, config: dict, images: Path):
-        listing = list_source(str(images)).items
+        self.config, self.items = config, list_source(str(images)).items
         self.encoders = load_encoders(config, device="cpu")
-        prepares = {encoder.name: encoder.prepare for encoder in self.encoders}
-        views, limits = resolve_views(config), ImageLimits(**config["image_limits"])
-        samples = [
-            prepare(data, item.key, prepares, views, limits)["inputs"]
-            for item, (_, data) in zip(listing, read_items([i.uri for i in listing]), strict=True)
-        ]
+        self.views = resolve_views(config)
+        samples = self.prepare_all()
         self.inputs = {e.name: torch.cat([s[e.name] for s in samples]) for e in self.encoders}
-        self.per_sample = views.count
-        self.config = config
 
-    def run(self, shard: int) -> None:
+    def prepare_all(self) -> list[dict]:
+        """The stage's read + decode + views + normalise (``pipeline.extract.prepare``)."""
+        prepares = {encoder.name: encoder.prepare for encoder in self.encoders}
+        limits = ImageLimits(**self.config["image_limits"])
+        data = read_items([item.uri for item in self.items])
+        return [
+            prepare(raw, item.key, prepares, self.views, limits)["inputs"]
+            for item, (_, raw) in zip(self.items, data, strict=True)
+        ]
+
+    def run(self, shard: int, encoders: list | None = None) -> list[dict]:
         """The forward passes of one shard's rows, in the stage's batches."""
         torch.set_num_threads(self.config["threads"])
-        size, batch, k = self.config["shard_size"], self.config["batch_size"], self.per_sample
+        size, batch, k = self.config["shard_size"], self.config["batch_size"], self.views.count
+        outputs = []
         with torch.inference_mode():
-            for encoder in self.encoders:
+            for encoder in encoders or self.encoders:
                 rows = self.inputs[encoder.name][shard * size * k : (shard + 1) * size * k]
                 for i in range(0, len(rows), batch * k):
-                    encoder.encode(rows[i : i + batch * k])
+                    outputs.append(encoder.encode(rows[i : i + batch * k]))
+        return outputs
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -124,6 +129,54 @@ def run_pair(config: dict, store: Path, bare: BareForward, flip: bool) -> tuple[
     return t_stage, t_bare
 
 
+def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
+    """Best-of-`repeats` seconds of each piece of the stage, alone, over all images."""
+
+    def best(fn: Callable[[], object]) -> float:
+        return min(timed(fn) for _ in range(repeats))
+
+    shards = range(-(-len(bare.items) // config["shard_size"]))
+    pieces = {
+        f"load encoders x {len(shards)} shards": len(shards) * best(lambda: load_encoders(config)),
+        "read + decode + view + normalise (1 process)": best(bare.prepare_all),
+    }
+    for encoder in bare.encoders:
+        pieces[f"forward {encoder.name}"] = best(
+            lambda e=encoder: [bare.run(s, [e]) for s in shards]
+        )
+    outputs: dict[str, list] = {}
+    for shard in shards:
+        for batch in bare.run(shard):
+            for path, values in batch.items():
+                outputs.setdefault(path, []).append(values)
+    k, dtype = bare.views.count, config["dtype"]
+
+    def to_store() -> dict[str, np.ndarray]:
+        stored = {}
+        for path, values in outputs.items():
+            rows = np.concatenate([to_storage(v, dtype) for v in values])
+            if not np.isfinite(rows).all():
+                raise ValueError(f"{path}: not finite at {dtype}")
+            stored[path] = rows.reshape(-1, k, *rows.shape[1:])
+        return stored
+
+    pieces["fp16 rounding + finite check"] = best(to_store)
+    stored = to_store()
+    store = tmp / "breakdown.zarr"
+    plan_store({**config, "store": str(store)})
+    root = open_root(str(store), mode="r+")
+    size = config["shard_size"]
+    pieces["zarr shard writes (blosc zstd, crc32c)"] = best(
+        lambda: [write_shard(root[p], s, rows[s * size :][:size])
+                 for p, rows in stored.items() for s in shards]
+    )  # fmt: skip
+    print(f"\nbreakdown: best of {repeats}, seconds for all {len(bare.items)} images")
+    for name, seconds in pieces.items():
+        print(f"  {name:<52} {seconds:>7.3f}")
+    forward = sum(t for name, t in pieces.items() if name.startswith("forward"))
+    print(f"  forward / sum of pieces: {forward / sum(pieces.values()):.3f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -137,16 +190,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument(
-        "--diagnose-clevel",
-        type=int,
-        help="diagnostic only: store features with blosc zstd at this clevel instead of the spec's",
+        "--breakdown", action="store_true", help="also time each piece of the stage alone"
     )
     args = parser.parse_args()
-    if args.diagnose_clevel is not None:
-        codec = BloscCodec(cname="zstd", clevel=args.diagnose_clevel, shuffle="bitshuffle")
-        for module, name in ((codecs, "lossless_compressors"), (layout, "feature_compressors")):
-            if hasattr(module, name):  # where the store's lossless chain comes from
-                setattr(module, name, lambda: [codec, Crc32cCodec()])
     single = {"name": args.backbone, "weights": args.weights, "layers": args.layers}
     with tempfile.TemporaryDirectory(prefix="featinv-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
@@ -168,8 +214,6 @@ def main() -> None:
         names = " + ".join(entry["name"] for entry in config["backbones"])
         print(f"{names}: {args.images} images, batch {args.batch_size}, shard {args.shard_size},")
         print(f"  threads {args.threads}, num_workers {args.num_workers}, device cpu")
-        if args.diagnose_clevel is not None:
-            print(f"  DIAGNOSTIC: stored with blosc zstd clevel {args.diagnose_clevel}, not 9")
         run_pair(config, tmp / "warmup.zarr", bare, False)  # warm-up: files, allocator, caches
         print(f"{'repeat':>6} {'stage img/s':>12} {'bare img/s':>11} {'stage/bare':>11}")
         times = []
@@ -182,6 +226,8 @@ def main() -> None:
         best = min(b for _, b in times) / min(s for s, _ in times)
         print(f"median of per-repeat stage/bare: {median:.3f}x (goal >= 0.9x)")
         print(f"best stage / best bare:          {best:.3f}x")
+        if args.breakdown:
+            breakdown(config, bare, tmp, args.repeats)
 
 
 if __name__ == "__main__":
