@@ -21,6 +21,7 @@ from zarr.core.sync import sync
 
 EMPTY = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
 MAX_GAP = 1 << 20  # bytes of unwanted data worth reading to save a request
+BLOSC = Blosc()  # decoding reads the codec settings from each chunk's own header
 
 
 class ChunkReader:
@@ -104,7 +105,7 @@ class ChunkReader:
     def decode(self, raw: bytes | None) -> np.ndarray:
         if raw is None:
             return np.zeros(self.chunk_shape, self.dtype)  # a skipped row: the fill value
-        return np.frombuffer(Blosc().decode(raw), self.dtype).reshape(self.chunk_shape)
+        return np.frombuffer(BLOSC.decode(raw), self.dtype).reshape(self.chunk_shape)
 
     def fetch(self, items: list[tuple[int, int]]) -> list[bytes | None]:
         """Compressed payloads of the chunks (what `read` decodes), e.g. to time the codec."""
