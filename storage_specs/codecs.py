@@ -2,7 +2,7 @@
 
 Lossless fp16 stops at about 0.45x of raw fp32 bytes on dense layers; smaller stores need lossy
 codecs, and a lossy store is only usable when its error is bounded and recorded.  Measured on real
-efficientnet_lite0 maps (benchmarks/RESULTS_lossy.md):
+efficientnet_lite0 maps (benchmarks/RESULTS.md, section 4):
 
 - ``bitround`` (numcodecs ``BitRound`` + the lossless chain) is standard, readable by any
   zarr-python with numcodecs, and bounds the relative error of every value, but it keeps sign and

@@ -25,7 +25,7 @@ from storage_specs.codecs import (
 
 LAYERS = ("blocks.3", "blocks.5", "bn2")
 SHARD = 8
-# Claimed stored/raw-fp32 bytes at rel_l2 = 1e-2 (benchmarks/RESULTS_lossy.md), with a margin.
+# Claimed stored/raw-fp32 bytes at rel_l2 = 1e-2 (benchmarks/RESULTS.md, section 4), with a margin.
 QUANTIZE_RATIO = {"blocks.3": 0.205, "blocks.5": 0.198, "bn2": 0.036}
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
