@@ -88,6 +88,27 @@ def build_store(config: dict) -> str:
     return config["store"]
 
 
+def store_objects(url: str, fs=None) -> dict[str, bytes]:
+    """Every object of a store (local or s3://); the root's provenance (time, paths) may differ
+    between two runs that made the same store, nothing else."""
+    import json
+
+    import fsspec
+
+    fs_default, root = fsspec.core.url_to_fs(url)
+    fs = fs or fs_default
+    root = root.rstrip("/")
+    files = {}
+    for path, data in sorted(fs.cat(sorted(fs.find(root))).items()):
+        rel = path[len(root) + 1 :]
+        if rel == "zarr.json":
+            meta = json.loads(data)
+            del meta["attributes"]["provenance"]
+            data = json.dumps(meta, sort_keys=True).encode()
+        files[rel] = data
+    return files
+
+
 def snakemake(
     config_path: Path, workdir: Path, *args: str, targets=("extract_features",), **kwargs
 ) -> subprocess.Popen | subprocess.CompletedProcess:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,21 +16,7 @@ from pipeline.extract import extract_shard
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
 from storage_specs.validate import validate_store
-from tests.conftest import build_store, make_config, snakemake, write_config
-
-
-def store_files(store: Path) -> dict[str, bytes]:
-    """Every object of a store; the root's provenance (time, paths) may differ, nothing else."""
-    files = {}
-    for path in sorted(p for p in store.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(store))
-        data = path.read_bytes()
-        if rel == "zarr.json":
-            meta = json.loads(data)
-            del meta["attributes"]["provenance"]
-            data = json.dumps(meta, sort_keys=True).encode()
-        files[rel] = data
-    return files
+from tests.conftest import build_store, make_config, snakemake, store_objects, write_config
 
 
 def _commits(store: Path) -> int:
@@ -67,7 +52,7 @@ def test_killed_snakemake_run_resumes_bitwise(small_dir, tmp_path):
     again = snakemake(resumed_dir / "config.yaml", resumed_dir, "--cores", "2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert validate_store(str(stores[1])) == []
-    assert store_files(stores[1]) == store_files(stores[0])
+    assert store_objects(str(stores[1])) == store_objects(str(stores[0]))
 
 
 @pytest.fixture
@@ -100,7 +85,7 @@ def test_torn_shard_is_rewritten_whole(one_backbone, tmp_path):
         extract_shard(config, "main", shard, progress=False)
     assert (store / "features/resnet18/layer4/c/0/0/0/0/0").stat().st_mtime_ns == committed
     finalize_store(config["store"], progress=False)
-    assert store_files(store) == store_files(Path(reference["store"]))
+    assert store_objects(str(store)) == store_objects(reference["store"])
 
 
 def test_changed_source_refuses_to_resume(one_backbone, small_dir, tmp_path):

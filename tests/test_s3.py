@@ -26,7 +26,7 @@ from pipeline.config import public_config, redact_url
 from pipeline.plan import provenance
 from pipeline.sources import read_items
 from storage_specs.validate import validate_store
-from tests.conftest import SMALL, make_config, snakemake, write_config
+from tests.conftest import SMALL, make_config, snakemake, store_objects, write_config
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 # Small and fast: 9 photos (one truncated) in 3 shards, one backbone at 64 px, two layers.
@@ -48,22 +48,6 @@ CREDENTIALS = (ACCESS_KEY.encode(), SECRET_KEY.encode())
 
 def _bucket_path(url: str) -> str:
     return url.removeprefix("s3://").rstrip("/")
-
-
-def s3_store_objects(fs, store: str) -> dict[str, bytes]:
-    """Every object of an S3 store (like `store_files` in test_resume.py): the root's provenance
-    (time, paths) may differ, nothing else."""
-    root = _bucket_path(store)
-    paths = sorted(fs.find(root))
-    files = {}
-    for path, data in sorted(fs.cat(paths).items()):
-        rel = path[len(root) + 1 :]
-        if rel == "zarr.json":
-            meta = json.loads(data)
-            del meta["attributes"]["provenance"]
-            data = json.dumps(meta, sort_keys=True).encode()
-        files[rel] = data
-    return files
 
 
 def _commits(fs, store: str) -> int:
@@ -193,7 +177,7 @@ def test_killed_run_resumes_bitwise(s3, images, reference, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     s3fs.S3FileSystem.clear_instance_cache()  # zarr's client above cached listings of the store
     assert validate_store(config["store"]) == []
-    assert s3_store_objects(fs, config["store"]) == s3_store_objects(fs, reference[0]["store"])
+    assert store_objects(config["store"], fs) == store_objects(reference[0]["store"], fs)
 
 
 def test_server_outage_mid_run_then_rerun(s3, images, reference, tmp_path, monkeypatch):
@@ -235,7 +219,7 @@ def test_server_outage_mid_run_then_rerun(s3, images, reference, tmp_path, monke
         again = snakemake(tmp_path / "config.yaml", tmp_path, "--cores", "2")
     assert again.returncode == 0, again.stderr[-3000:]
     assert validate_store(config["store"]) == []
-    assert s3_store_objects(fs, config["store"]) == s3_store_objects(fs, reference[0]["store"])
+    assert store_objects(config["store"], fs) == store_objects(reference[0]["store"], fs)
 
 
 def test_validate_names_flipped_shard_on_s3(s3, reference):
