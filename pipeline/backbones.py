@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from timm.data import resolve_data_config
@@ -251,7 +250,3 @@ def probe_shapes(backbone: Backbone) -> dict[str, dict]:
             "stride": backbone.input_hw[0] // grid.shape[2],
         }
     return shapes
-
-
-def is_model(name: str) -> bool:
-    return timm.is_model(name.split(".")[0]) or timm.is_model(name)
