@@ -10,6 +10,8 @@ codec chains (lossy filters) fall back to zarr's own per-chunk reads.
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 
 import crc32c
 import numpy as np
@@ -18,6 +20,7 @@ from numcodecs import Blosc
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
+from zarr.storage import LocalStore
 
 EMPTY = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
 MAX_GAP = 1 << 20  # bytes of unwanted data worth reading to save a request
@@ -34,6 +37,9 @@ class ChunkReader:
         self.dtype = arr.dtype
         self.indexes: dict[int, np.ndarray] = {}
         self.fast = self._fast_codecs(arr.metadata.to_dict()["codecs"])
+        # Local files are read directly: zarr's store API costs a thread hop per range request,
+        # more than reading the bytes (RESULTS.md, section 3).
+        self.local_root = Path(self.store.root) if isinstance(self.store, LocalStore) else None
 
     @staticmethod
     def _fast_codecs(codecs: list) -> bool:
@@ -48,24 +54,32 @@ class ChunkReader:
         key = self.arr.metadata.encode_chunk_key((shard,) + (0,) * (self.arr.ndim - 1))
         return f"{self.arr.path}/{key}"
 
+    async def _get(self, shard: int, start: int, stop: int | None) -> bytes:
+        """Bytes [start, stop) of a shard object; a negative start without stop is a suffix."""
+        key = self._shard_key(shard)
+        if self.local_root is not None:
+            try:
+                with open(self.local_root / key, "rb") as f:
+                    f.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
+                    return f.read(-1 if stop is None else stop - start)
+            except FileNotFoundError:
+                return b""
+        request = SuffixByteRequest(-start) if stop is None else RangeByteRequest(start, stop)
+        buf = await self.store.get(key, default_buffer_prototype(), request)
+        return buf.to_bytes() if buf is not None else b""
+
     async def _index(self, shard: int) -> np.ndarray:
         if shard not in self.indexes:
             n_chunks = int(np.prod(self.arr.shards[:2]))
             size = n_chunks * 16 + 4
-            buf = await self.store.get(
-                self._shard_key(shard), default_buffer_prototype(), SuffixByteRequest(size)
-            )
-            raw = buf.to_bytes() if buf is not None else b""
+            try:
+                raw = await self._get(shard, -size, None)
+            except OSError:  # shorter than an index
+                raw = b""
             if len(raw) != size or crc32c.crc32c(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
                 raise OSError(f"{self.arr.path} shard {shard}: missing or corrupt shard index")
             self.indexes[shard] = np.frombuffer(raw[:-4], "<u8").reshape((*self.arr.shards[:2], 2))
         return self.indexes[shard]
-
-    async def _range(self, shard: int, start: int, stop: int) -> bytes:
-        buf = await self.store.get(
-            self._shard_key(shard), default_buffer_prototype(), RangeByteRequest(start, stop)
-        )
-        return buf.to_bytes()
 
     async def _fetch(self, items: list[tuple[int, int]]) -> list[bytes | None]:
         """Compressed bytes of each chunk, checksum verified (None: never written).
@@ -90,7 +104,7 @@ class ChunkReader:
             else:
                 runs.append([span])
         blobs = await asyncio.gather(
-            *(self._range(run[0][0], run[0][1], max(s[2] for s in run)) for run in runs)
+            *(self._get(run[0][0], run[0][1], max(s[2] for s in run)) for run in runs)
         )
         out: list[bytes | None] = [None] * len(items)
         for run, blob in zip(runs, blobs, strict=True):
