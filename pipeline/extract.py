@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
@@ -34,11 +35,16 @@ from storage_specs.layout import (
     write_shard,
 )
 
-Prepare = Callable  # (image, views) -> tensor [K, ...]
+Prepare = Callable[[Image.Image, np.ndarray], torch.Tensor]  # (image, views) -> [K, ...]
 
 
-def prepare(data: bytes | Exception, key: str, encoders: dict[str, Prepare], views: ViewSpec,
-            limits: ImageLimits) -> dict:  # fmt: skip
+def prepare(
+    data: bytes | Exception,
+    key: str,
+    encoders: dict[str, Prepare],
+    views: ViewSpec,
+    limits: ImageLimits,
+) -> dict:
     """One input as per-encoder tensors of all its views, or why it is skipped (the one
     bad-sample policy)."""
     try:
@@ -54,16 +60,27 @@ def prepare(data: bytes | Exception, key: str, encoders: dict[str, Prepare], vie
                 raise SkipSample(f"preprocessing for {name} failed: {exc}") from exc
     except SkipSample as exc:
         return {"inputs": None, "views": None, "height": 0, "width": 0, "error": str(exc)}
-    return {"inputs": inputs, "views": boxes, "height": image.height, "width": image.width,
-            "error": ""}  # fmt: skip
+    return {
+        "inputs": inputs,
+        "views": boxes,
+        "height": image.height,
+        "width": image.width,
+        "error": "",
+    }
 
 
 class ShardImages(IterableDataset):
     """The shard's inputs in row order; worker k of W takes rows k, k+W, ... so that the
     DataLoader's round-robin yields rows in order and batches are the same on every run."""
 
-    def __init__(self, uris: list[str], keys: list[str], encoders: dict[str, Prepare],
-                 views: ViewSpec, limits: ImageLimits):  # fmt: skip
+    def __init__(
+        self,
+        uris: list[str],
+        keys: list[str],
+        encoders: dict[str, Prepare],
+        views: ViewSpec,
+        limits: ImageLimits,
+    ):
         self.uris, self.keys, self.encoders = uris, keys, encoders
         self.views, self.limits = views, limits
 
