@@ -22,6 +22,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
+from storage_specs.layout import shard_key
+
 EMPTY = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
 MAX_GAP = 1 << 20  # bytes of unwanted data worth reading to save a request
 BLOSC = Blosc()  # decoding reads the codec settings from each chunk's own header
@@ -50,13 +52,9 @@ class ChunkReader:
         location = codecs[0]["configuration"].get("index_location", "end")
         return inner == ["bytes", "blosc", "crc32c"] and location == "end"
 
-    def _shard_key(self, shard: int) -> str:
-        key = self.arr.metadata.encode_chunk_key((shard,) + (0,) * (self.arr.ndim - 1))
-        return f"{self.arr.path}/{key}"
-
     async def _get(self, shard: int, start: int, stop: int | None) -> bytes:
         """Bytes [start, stop) of a shard object; a negative start without stop is a suffix."""
-        key = self._shard_key(shard)
+        key = shard_key(self.arr, shard)
         if self.local_root is not None:
             try:
                 with open(self.local_root / key, "rb") as f:
