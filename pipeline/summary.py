@@ -67,12 +67,15 @@ def top1_lines(store: FeatureStore) -> list[str]:
     samples = store.samples()
     rows = example_rows(samples)
     lines = []
+    models: dict[tuple[str, str], torch.nn.Module] = {}  # one load per backbone, not per layer
     for path in store.arrays():
-        arr = store.root[path]
-        attrs = arr.attrs
+        attrs = store.root[path].attrs
         if not path.startswith("features/") or not attrs["pretrained"] or not len(rows):
             continue
-        model, _ = create_backbone(attrs["backbone"], attrs["weights"]["source"])
+        key = (attrs["backbone"], attrs["weights"]["source"])
+        if key not in models:
+            models[key] = create_backbone(*key)[0]
+        model = models[key]
         if getattr(model, "num_classes", 0) != 1000:
             continue
         if not feeds_head(model, attrs["layer"], attrs["preprocessing"]["input_size"]):
