@@ -76,18 +76,18 @@ def batches(n_items: int, n_batches: int, seed: int) -> list[list[int]]:
 
 def time_store(url: str, plan: list[list[int]]) -> float:
     """Samples/s of a fresh PairDataset (cold shard-index cache, as a new worker has)."""
-    ds = PairDataset(url, PATH)
+    ds = PairDataset(url, {"features": PATH})
     start = time.perf_counter()
     for batch in plan:
-        ds.__getitems__(batch)
+        ds.read_batch(batch)
     return 64 * len(plan) / (time.perf_counter() - start)
 
 
 def time_codec(url: str, plan: list[list[int]]) -> float:
     """Samples/s of blosc decoding alone, on the very chunks of the batches, bytes in memory."""
-    ds = PairDataset(url, PATH)
+    ds = PairDataset(url, {"features": PATH})
     reader = ChunkReader(zarr.open_group(url, mode="r")[PATH])
-    payloads = [reader.fetch([ds._item(i) for i in batch]) for batch in plan]
+    payloads = [reader.fetch([ds.item(i) for i in batch]) for batch in plan]
     codec = Blosc()
     start = time.perf_counter()
     for batch in payloads:
@@ -96,11 +96,11 @@ def time_codec(url: str, plan: list[list[int]]) -> float:
 
 
 def time_zarr_loop(url: str, plan: list[list[int]]) -> float:
-    ds = PairDataset(url, PATH)
+    ds = PairDataset(url, {"features": PATH})
     arr = zarr.open_group(url, mode="r")[PATH]
     start = time.perf_counter()
     for batch in plan[:3]:
-        np.stack([arr[ds._item(i)] for i in batch])
+        np.stack([arr[ds.item(i)] for i in batch])
     return 64 * 3 / (time.perf_counter() - start)
 
 
@@ -151,7 +151,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         local, files = build(Path(tmp), args.images)
         remote, server = s3_copy(local)
-        n_items = len(PairDataset(local, PATH))
+        n_items = len(PairDataset(local, {"features": PATH}))
         rows = []
         for repeat in range(args.repeats):
             plan = batches(n_items, args.batches, repeat)

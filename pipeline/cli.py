@@ -32,11 +32,12 @@ def _check_url(what: str, url: str) -> None:
         )
 
 
-def _load_config(path: str) -> dict:
+def _load_config(path: str, purpose: str = "extract") -> dict:
     """The validated config; object-store URLs with credentials are refused (secret not shown)."""
-    config = load_config(path)
+    config = load_config(path, purpose)
     for key in ("source", "store"):
-        _check_url(f"config {key}", config[key])
+        if key in config:
+            _check_url(f"config {key}", config[key])
     return config
 
 
@@ -137,6 +138,17 @@ def cmd_export_webdataset(args) -> None:
     print(f"wrote {len(tars)} tar shard(s): {tars[0]} ...")
 
 
+def cmd_train(args) -> None:
+    from training.train import train
+
+    config = _load_config(args.config, purpose="train")
+    if args.store:
+        _check_url("--store", args.store)
+        config["store"] = args.store
+    out = train(config)
+    print(f"trained model: {out}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="featinv", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", required=True)
     p.add_argument("--target", help="also export a target array, e.g. latents/vae/mean")
     p.add_argument("--max-mb", type=int, default=512, help="tar shard size (default 512 MB)")
+    p = add("train", cmd_train, "fit the feature-conditioned diffusion model from a store")
+    p.add_argument("config", help="a config with `store` and `training:` (see README)")
+    p.add_argument("--store", help="train on this store instead of the config's")
     p = add("info", cmd_info, "print a store's summary")
     p.add_argument("store")
     p.add_argument("--no-classify", dest="classify", action="store_false")

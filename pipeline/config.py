@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema
 import torch
 import yaml
+
+from storage_specs.provenance import redact_url
 
 SCHEMA_PATH = Path(str(resources.files("pipeline") / "config.schema.yaml"))
 
@@ -47,14 +48,22 @@ def _where(error: jsonschema.ValidationError) -> str:
     return f"config {where}" if where else "config"
 
 
-def validate_config(config: dict) -> dict:
-    """A copy of `config` with defaults filled, or ConfigError naming the first bad key/value."""
+def validate_config(config: dict, purpose: str = "extract") -> dict:
+    """A copy of `config` with defaults filled, or ConfigError naming the first bad key/value.
+
+    For `purpose="train"` only `store` and `training` are required and no backbone is looked at:
+    training reads the store alone (a config may be nothing but those two keys).
+    """
     config = copy.deepcopy(config)
     schema = load_schema()
+    if purpose == "train":
+        schema["required"] = ["store", "training"]
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"{_where(error)}: {error.message}")
+    if purpose == "train":
+        return config
     _check_backbones(config["backbones"])
     _check_targets(config["targets"], {entry["name"] for entry in config["backbones"]})
     return config
@@ -96,7 +105,7 @@ def _check_targets(targets: list[dict], taken: set[str]) -> None:
             raise ConfigError(f"config targets[{i}]: a vae target needs 'model' (hub id or folder)")
 
 
-def load_config(path: str | Path) -> dict:
+def load_config(path: str | Path, purpose: str = "extract") -> dict:
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -107,22 +116,7 @@ def load_config(path: str | Path) -> dict:
         ) from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file '{path}' must hold a mapping, got {type(raw).__name__}")
-    return validate_config(raw)
-
-
-def redact_url(url: str) -> str:
-    """Drop user:password@ from a URL so it can go into metadata and logs."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    netloc = f"{host}:{parts.port}" if parts.port else host
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
-def redact_uri(uri: str) -> str:
-    """`redact_url` for every link of an fsspec chain (`tar://member::https://u:p@host/a.tar`)."""
-    return "::".join(redact_url(part) for part in uri.split("::"))
+    return validate_config(raw, purpose)
 
 
 def with_credentials(uri: str, source: str) -> str:

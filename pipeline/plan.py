@@ -6,49 +6,11 @@ extraction job reads its rows, so all jobs agree on which image lives in which r
 
 from __future__ import annotations
 
-import platform
-import subprocess
-from datetime import UTC, datetime
-from importlib import metadata
-from pathlib import Path
-
-from pipeline.config import groups_of, public_config, redact_uri, stage_groups
+from pipeline.config import groups_of, public_config, stage_groups
 from pipeline.encoders import load_encoders, resolve_views
 from pipeline.sources import list_source
 from storage_specs.layout import create_store, n_shards, require_array
-
-PACKAGES = ("featinv", "torch", "timm", "zarr", "numcodecs", "numpy", "pillow", "fsspec")
-
-
-def provenance(config: dict) -> dict:
-    """Where a store came from; never credentials (URLs redacted, environment not read)."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "git_revision": _git_revision(),
-        "python": platform.python_version(),
-        "packages": versions,
-        "config": public_config(config),
-    }
-
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
+from storage_specs.provenance import provenance, redact_uri
 
 
 def plan_store(config: dict) -> dict:

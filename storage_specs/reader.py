@@ -59,8 +59,11 @@ class FeatureStore:
 
     def array(self, encoder: str, name: str, kind: str = "features") -> zarr.Array:
         """E.g. `array("resnet18", "layer4")`, `array("vae", "mean", kind="latents")`."""
-        path = f"{kind}/{encoder}/{name}"
-        if path not in self.root:
+        return self.require(f"{kind}/{encoder}/{name}")
+
+    def require(self, path: str) -> zarr.Array:
+        """The per-sample array at `path`, or a StoreError that lists the store's arrays."""
+        if path not in self.arrays():
             raise StoreError(f"{self.url} has no {path} (arrays: {', '.join(self.arrays())})")
         return self.root[path]
 

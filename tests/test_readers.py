@@ -69,7 +69,9 @@ def test_pair_dataset_with_workers(store_url):
 
     from storage_specs.datasets import PairDataset
 
-    ds = PairDataset(store_url, "features/resnet18/layer4", target="pixels/pixels/rgb")
+    ds = PairDataset(
+        store_url, {"features": "features/resnet18/layer4", "target": "pixels/pixels/rgb"}
+    )
     assert len(ds) == 8 * 3
     loader = torch.utils.data.DataLoader(
         ds, batch_size=5, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0),

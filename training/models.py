@@ -1,0 +1,149 @@
+"""The feature-conditioned diffusion models, as diffusers models (`from_pretrained`/`save_pretrained`).
+
+Both modes condition through FeatInv's hint block (`FeatureHint`): the feature map, normalised with
+its channel statistics, is resized bilinearly to the model's grid, then conv3x3 C->h, SiLU,
+conv3x3 h->h, SiLU, and a zero-initialised conv3x3 h->width whose output is added right after the
+model's input conv.  Zero init means training starts from the unconditional model exactly.
+
+- `CompactUNet`: a small diffusers `UNet2DModel` trained from scratch (pixels or latents) with the
+  hint added after its `conv_in`.  For people without a text-to-image model; the demo's model.
+- `FeatInvControlNet`: a diffusers `ControlNetModel` copied from a pretrained SD-1.x UNet, whose
+  conditioning embedding is the hint block.  The frozen UNet and the fixed prompt's text embedding
+  make the rest of the denoiser (`FeatInvDenoiser`).
+
+Dropping the condition (classifier-free guidance) zeroes the normalised map: `keep_hint` per sample.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, UNet2DConditionModel, UNet2DModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+class FeatureHint(nn.Module):
+    """FeatInv's hint block, with the feature normalisation kept as buffers (saved with weights)."""
+
+    def __init__(self, in_channels: int, out_channels: int, size: tuple[int, int], hidden: int):
+        super().__init__()
+        self.size = tuple(size)
+        self.register_buffer("mean", torch.zeros(in_channels))
+        self.register_buffer("std", torch.ones(in_channels))
+        self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def set_stats(self, mean, std) -> None:
+        """Normalise with the store's `channel_stats`; dead channels (std 0) are only centred."""
+        std = torch.as_tensor(std, dtype=torch.float32)
+        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def normalize(self, features: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored features -> the block's input; rows with `keep` False become zeros (dropped)."""
+        x = (features.float() - self.mean[:, None, None]) / self.std[:, None, None]
+        if keep is not None:
+            x = x * keep.to(x.dtype)[:, None, None, None]
+        return x.to(self.conv_in.weight.dtype)
+
+    def forward(self, normalized: torch.Tensor) -> torch.Tensor:
+        x = F.interpolate(normalized, size=self.size, mode="bilinear", align_corners=False)
+        x = F.silu(self.conv_in(x))
+        x = F.silu(self.conv_mid(x))
+        return self.conv_out(x)
+
+
+class CompactUNet(ModelMixin, ConfigMixin):
+    """A small `UNet2DModel` (`unet_config`) with the hint added after its input conv."""
+
+    @register_to_config
+    def __init__(self, unet_config: dict, feature_channels: int, hint_channels: int = 64):
+        super().__init__()
+        self.unet = UNet2DModel.from_config(unet_config)
+        size = self.unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        self.hint = FeatureHint(feature_channels, self.unet.conv_in.out_channels, size,
+                                hint_channels)  # fmt: skip
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        features: torch.Tensor,
+        keep_hint: torch.Tensor | None = None,
+        keep_prompt: torch.Tensor | None = None,  # no prompt here; the denoisers share a signature
+    ) -> torch.Tensor:
+        residual = self.hint(self.hint.normalize(features, keep_hint))
+        handle = self.unet.conv_in.register_forward_hook(lambda _m, _i, out: out + residual)
+        try:
+            return self.unet(sample, timestep).sample
+        finally:
+            handle.remove()
+
+
+class FeatInvControlNet(ModelMixin, ConfigMixin):
+    """A `ControlNetModel` (`controlnet_config`) whose conditioning embedding is the hint block."""
+
+    @register_to_config
+    def __init__(self, controlnet_config: dict, feature_channels: int, hint_size: int,
+                 hint_channels: int = 512):  # fmt: skip
+        super().__init__()
+        self.controlnet = ControlNetModel.from_config(controlnet_config)
+        width = self.controlnet.conv_in.out_channels
+        self.controlnet.controlnet_cond_embedding = FeatureHint(
+            feature_channels, width, (hint_size, hint_size), hint_channels
+        )
+
+    @property
+    def hint(self) -> FeatureHint:
+        return self.controlnet.controlnet_cond_embedding
+
+    @classmethod
+    def from_unet(cls, unet: UNet2DConditionModel, feature_channels: int, hint_channels: int = 512):
+        """ControlNet's usual start: a copy of the UNet's encoder, the hint block new."""
+        source = ControlNetModel.from_unet(unet, conditioning_channels=feature_channels)
+        config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+        size = unet.config.sample_size
+        model = cls(config, feature_channels, size if isinstance(size, int) else size[0],
+                    hint_channels)  # fmt: skip
+        weights = {k: v for k, v in source.state_dict().items()
+                   if not k.startswith("controlnet_cond_embedding.")}  # fmt: skip
+        missing, unexpected = model.controlnet.load_state_dict(weights, strict=False)
+        assert not unexpected and all(k.startswith("controlnet_cond_embedding.") for k in missing)
+        return model
+
+    def forward(self, sample, timestep, encoder_hidden_states, features, keep_hint=None):
+        """The residuals for the frozen UNet's down blocks and mid block."""
+        out = self.controlnet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states,
+            controlnet_cond=self.hint.normalize(features, keep_hint), return_dict=False,
+        )  # fmt: skip
+        return out
+
+
+class FeatInvDenoiser(nn.Module):
+    """Trained ControlNet + frozen SD UNet + the fixed prompt's embedding (encoded once)."""
+
+    def __init__(self, controlnet: nn.Module, unet: UNet2DConditionModel,
+                 prompt_embeds: torch.Tensor, empty_embeds: torch.Tensor):  # fmt: skip
+        super().__init__()
+        self.controlnet, self.unet = controlnet, unet
+        self.register_buffer("prompt_embeds", prompt_embeds)
+        self.register_buffer("empty_embeds", empty_embeds)
+
+    def forward(self, sample, timestep, features, keep_hint=None, keep_prompt=None):
+        n = sample.shape[0]
+        text = self.prompt_embeds.expand(n, -1, -1)
+        if keep_prompt is not None:
+            keep = keep_prompt.to(text.dtype)[:, None, None]
+            text = keep * text + (1 - keep) * self.empty_embeds.expand(n, -1, -1)
+        down, mid = self.controlnet(sample, timestep, text, features, keep_hint)
+        return self.unet(
+            sample, timestep, encoder_hidden_states=text,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid,
+        ).sample  # fmt: skip

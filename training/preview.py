@@ -1,0 +1,88 @@
+"""Grids of held-out reconstructions while training: what the model makes of maps it never saw.
+
+Each row is one held-out sample (view 0, the evaluation view): its target as stored, then
+`preview.samples` samples from its feature map, with the same seeds at every step so the grids of
+a run can be compared.  Written as PNG files under `<run>/previews/` and to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from storage_specs.datasets import PairDataset
+from sampling.sampler import make_scheduler, sample, to_images
+from training.data import TrainingData
+from training.denoisers import Trainee
+
+
+def load_store_vae(vae: dict, device: torch.device):
+    """The VAE that encoded the store's latents (from its recorded source), or None with a
+    warning: previews then show nothing, training goes on."""
+    from diffusers import AutoencoderKL
+
+    try:
+        model = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae.get("subfolder"))
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        warnings.warn(f"previews off: cannot load the store's VAE '{vae['source']}': {reason}",
+                      stacklevel=2)  # fmt: skip
+        return None
+    return model.to(device).eval().requires_grad_(False)
+
+
+class Preview:
+    def __init__(self, data: TrainingData, trainee: Trainee, spec: dict, out: Path):
+        self.data, self.trainee, self.settings = data, trainee, spec["preview"]
+        self.seed, self.folder = spec["seed"], out / "previews"
+        rows = data.heldout_rows if len(data.heldout_rows) else data.train_rows
+        self.label = "heldout" if len(data.heldout_rows) else "train"
+        dataset = PairDataset(data.url, data.arrays, rows=rows[: self.settings["count"]], views=[0])
+        self.batch = dataset.read_batch(range(len(dataset)))
+        device = trainee.model.device
+        vae = data.record["target"]["vae"] if data.target_kind == "latents" else None
+        self.vae = load_store_vae(vae, device) if vae else None
+
+    @property
+    def enabled(self) -> bool:
+        return self.data.target_kind == "pixels" or self.vae is not None
+
+    def targets(self, device: torch.device) -> torch.Tensor:
+        if self.data.target_kind == "pixels":
+            return self.batch["pixels"]
+        mean = self.batch["mean"].to(device).float() * self.data.scaling_factor
+        return to_images(mean, self.vae, self.data.scaling_factor).cpu()
+
+    def grid(self, model: torch.nn.Module) -> torch.Tensor:
+        """uint8 `[3, H, W]`: a row per held-out sample, target then samples."""
+        device = model.device
+        n, k = len(self.batch["key"]), self.settings["samples"]
+        features = self.batch["features"].to(device).repeat_interleave(k, dim=0)
+        noise = self.trainee.noise_scheduler.config
+        x0 = sample(
+            self.trainee.denoiser(model), make_scheduler("ddim", noise), features,
+            self.data.target_shape, steps=self.settings["steps"],
+            guidance=self.settings["guidance"], unconditional=self.trainee.unconditional,
+            generator=torch.Generator(device).manual_seed(self.seed),
+        )  # fmt: skip
+        images = to_images(x0, self.vae, self.data.scaling_factor).cpu()
+        size = images.shape[-2:]
+        targets = torch.nn.functional.interpolate(self.targets(device).float(), size)
+        rows = torch.cat([targets.to(torch.uint8)[:, None], images.reshape(n, k, 3, *size)], 1)
+        return make_grid(rows.flatten(0, 1), nrow=k + 1, padding=2, pad_value=255)
+
+    def log(self, accelerator, model: torch.nn.Module, step: int) -> Path | None:
+        if not self.enabled:
+            return None
+        grid = self.grid(model)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"step-{step:07d}.png"
+        Image.fromarray(np.ascontiguousarray(grid.permute(1, 2, 0).numpy())).save(path)
+        writer = accelerator.get_tracker("tensorboard", unwrap=True)
+        writer.add_image(f"{self.label}_reconstructions", grid, global_step=step)
+        return path

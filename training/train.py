@@ -1,0 +1,270 @@
+"""`featinv train`: fit the feature-conditioned diffusion model from a store, and nothing else.
+
+The loop reads top to bottom: pairs from the store (read ahead in worker processes), a latent
+sample or pixels as x0, noise at a random timestep, the denoiser's prediction of the noise (or of
+v) given the feature map (dropped for `condition_dropout` of the pairs), an MSE step.  The
+components it calls each own one job: `data` (which pairs, in which order, for which rank),
+`denoisers` (what is trained), `checkpoint` (exact resume), `preview` (held-out grids).
+
+Every random draw of a step comes from a generator seeded by (seed, step, micro-batch, rank), so
+an interrupted and resumed run repeats the uninterrupted one bit for bit.  Runs unchanged under
+`accelerate launch` (any number of processes and machines).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm import tqdm
+
+from storage_specs.provenance import provenance
+
+from training.checkpoint import Checkpoints
+from training.data import EpochBatches, Position, TrainingData, open_training_data
+from training.denoisers import RECORD, Trainee, new_trainee
+from training.preview import Preview
+
+# Settings a resumed run must share with its checkpoints (the rest may change between runs).
+RESUME_SETTINGS = ("mode", "features", "target", "views", "heldout", "compact", "featinv",
+                   "prediction_type", "noise_schedule", "condition_dropout", "seed",
+                   "batch_size", "gradient_accumulation_steps")  # fmt: skip
+DEFAULT_LR = {"compact": 2e-4, "featinv": 1e-5}
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
+    """The generator of one micro-batch: its draws depend on nothing but these numbers."""
+    state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(1, np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state))
+
+
+def diffusion_loss(denoiser, trainee: Trainee, data: TrainingData, batch: dict, dropout: float,
+                   generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """The denoising loss of one batch (epsilon or v prediction, as the noise schedule says)."""
+    schedule = trainee.noise_scheduler
+    x0 = data.to_model_space(batch, generator)
+    n, device = x0.shape[0], x0.device
+    noise = torch.randn(x0.shape, generator=generator, device=device)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (n,), generator=generator,
+                      device=device)  # fmt: skip
+    keep = (torch.rand(n, generator=generator, device=device) >= dropout).float()
+    x_t = schedule.add_noise(x0, noise, t)
+    if schedule.config.prediction_type == "v_prediction":
+        target = schedule.get_velocity(x0, noise, t)
+    else:
+        target = noise
+    prediction = denoiser(x_t, t, batch["features"], keep_hint=keep, keep_prompt=keep)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+class StepMeter:
+    """Wall time, time spent waiting for data, and loss since the last report."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.wait, self.losses, self.pairs = time.perf_counter(), 0.0, [], 0
+
+    def batches(self, loader):
+        """The loader's batches, timing how long each was waited for."""
+        iterator = iter(loader)
+        while True:
+            begin = time.perf_counter()
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            self.wait += time.perf_counter() - begin
+            yield batch
+
+    def report(self, accelerator: Accelerator, lr: float) -> dict:
+        elapsed = time.perf_counter() - self.start
+        loss = torch.tensor(float(np.mean(self.losses)), device=accelerator.device)
+        values = {
+            "loss": accelerator.reduce(loss, "mean").item(),
+            "lr": lr,
+            "samples_per_s": self.pairs * accelerator.num_processes / elapsed,
+            "data_wait_fraction": self.wait / elapsed,
+        }
+        self.reset()
+        return values
+
+
+def _flat(prefix: str, value) -> dict:
+    """Hyperparameters as TensorBoard takes them: flat scalars and strings."""
+    if isinstance(value, dict):
+        return {
+            k: v for key, sub in value.items() for k, v in _flat(f"{prefix}{key}/", sub).items()
+        }
+    if isinstance(value, int | float | str | bool):
+        return {prefix.rstrip("/"): value}
+    return {prefix.rstrip("/"): json.dumps(value)}
+
+
+def _write_json_atomic(path: Path, value: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def train(config: dict, progress: bool = True) -> Path:
+    """Train (or resume) the run of `config["training"]` on `config["store"]`; the model folder."""
+    spec = config["training"]
+    out = Path(spec["output_dir"]) / spec["run"]
+    accelerator = Accelerator(
+        mixed_precision=spec["mixed_precision"],
+        gradient_accumulation_steps=spec["gradient_accumulation_steps"],
+        log_with="tensorboard",
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+    data = open_training_data(config["store"], spec)
+    trainee = new_trainee(spec, data).to(accelerator.device)
+    world, rank = accelerator.num_processes, accelerator.process_index
+
+    model = trainee.model.train()
+    lr = spec["learning_rate"] or DEFAULT_LR[spec["mode"]]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(spec["adam_betas"]),
+                                  weight_decay=spec["weight_decay"])  # fmt: skip
+    lr_scheduler = get_scheduler(
+        spec["lr_scheduler"], optimizer, num_warmup_steps=spec["lr_warmup_steps"] * world,
+        num_training_steps=spec["steps"] * world,
+    )  # fmt: skip
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    unwrapped = accelerator.unwrap_model(model)
+    ema = EMAModel(unwrapped.parameters(), decay=spec["ema"]["decay"]) if spec["ema"][
+        "enabled"] else None  # fmt: skip
+    settings = {key: spec[key] for key in RESUME_SETTINGS}
+    checkpoints = Checkpoints(out / "checkpoints", spec["checkpoints_total_limit"], accelerator)
+    step, start = checkpoints.resume(ema, settings)
+
+    accum = spec["gradient_accumulation_steps"]
+    dataset = data.dataset()
+    sampler = EpochBatches(len(dataset), spec["batch_size"], world, rank, spec["seed"], start,
+                           count=(spec["steps"] - step) * accum)  # fmt: skip
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=spec["num_workers"],
+        prefetch_factor=spec["prefetch_factor"] if spec["num_workers"] else None,
+        pin_memory=accelerator.device.type == "cuda",
+    )  # fmt: skip
+    denoiser = trainee.denoiser(model)
+    preview = Preview(data, trainee, spec, out) if accelerator.is_main_process else None
+    accelerator.init_trackers("featinv", config=_flat("", spec))
+    bar = tqdm(total=spec["steps"], initial=step, unit="step", desc=f"train {spec['run']}",
+               disable=not (progress and accelerator.is_main_process))  # fmt: skip
+    meter, micro = StepMeter(), 0
+
+    for batch in meter.batches(loader):
+        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+                 for k, v in batch.items()}  # fmt: skip
+        with accelerator.accumulate(model):
+            generator = step_generator(spec["seed"], step, micro % accum, rank, accelerator.device)
+            loss = diffusion_loss(denoiser, trainee, data, batch, spec["condition_dropout"],
+                                  generator)  # fmt: skip
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and spec["max_grad_norm"]:
+                accelerator.clip_grad_norm_(model.parameters(), spec["max_grad_norm"])
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro += 1
+        meter.losses.append(loss.item())
+        meter.pairs += len(batch["key"])
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.step(unwrapped.parameters())
+        bar.update()
+        if step % spec["log_every"] == 0 or step == spec["steps"]:
+            values = meter.report(accelerator, lr_scheduler.get_last_lr()[0])
+            accelerator.log(values, step=step)
+            bar.set_postfix(
+                loss=f"{values['loss']:.4f}", wait=f"{values['data_wait_fraction']:.0%}"
+            )
+        if step % spec["checkpoint_every"] == 0 or step == spec["steps"]:
+            checkpoints.save(step, sampler.advance(start, micro), ema, settings)
+        if spec["preview_every"] and (step % spec["preview_every"] == 0 or step == spec["steps"]):
+            if preview is not None:
+                with _ema_weights(ema, unwrapped):
+                    preview.log(accelerator, unwrapped, step)
+            accelerator.wait_for_everyone()
+    bar.close()
+    _save_final(accelerator, unwrapped, ema, trainee, data, spec, out, step)
+    accelerator.end_training()
+    return out
+
+
+class _ema_weights:  # noqa: N801 - used as a context manager
+    """Swap the EMA weights into the model for a while (no-op without EMA)."""
+
+    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
+        self.ema, self.params = ema, list(model.parameters())
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc):
+        if self.ema is not None:
+            self.ema.restore(self.params)
+
+
+def _save_final(accelerator, model, ema, trainee: Trainee, data: TrainingData, spec: dict,
+                out: Path, step: int) -> None:  # fmt: skip
+    """The model (EMA weights when kept) with `save_pretrained`, its noise schedule, and the
+    training record, written last: its presence means the folder is whole."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    with _ema_weights(ema, model):
+        model.save_pretrained(out, safe_serialization=True)
+    trainee.noise_scheduler.save_pretrained(out / "scheduler")
+    _write_json_atomic(out / RECORD, training_record(trainee, data, spec, step, accelerator))
+
+
+def training_record(trainee: Trainee, data: TrainingData, spec: dict, step: int,
+                    accelerator: Accelerator) -> dict:  # fmt: skip
+    schedule = trainee.noise_scheduler.config
+    return {
+        "featinv_training": 1,
+        "mode": trainee.mode,
+        "model_class": type(trainee.model).__name__,
+        "base": trainee.base,
+        "store": {k: v for k, v in data.record.items() if k != "split"},
+        "split": data.record["split"],
+        "normalisation": {
+            "kind": "per-channel (x - mean) / std, from the array's channel_stats",
+            "in_model": "hint.mean, hint.std buffers",
+        },  # fmt: skip
+        "noise_schedule": {
+            k: schedule[k]
+            for k in (
+                "num_train_timesteps",
+                "beta_schedule",
+                "beta_start",
+                "beta_end",
+                "prediction_type",
+            )
+            if k in schedule
+        },  # fmt: skip
+        "prediction_type": schedule["prediction_type"],
+        "unconditional": trainee.unconditional,
+        "steps": step,
+        "seed": spec["seed"],
+        "ema": spec["ema"],
+        "world_size": accelerator.num_processes,
+        "mixed_precision": spec["mixed_precision"],
+        "training": spec,
+        "provenance": provenance({"store": data.url, "training": spec}),
+    }
