@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/snakemake extract_features encode_latents --cores 2
+	$(BIN)/snakemake all --cores 2
 
 lint: setup
 	$(BIN)/ruff check .

@@ -1,10 +1,12 @@
 """featinv: `snakemake extract_features` turns an image collection into a feature store;
 `snakemake encode_latents` adds the training targets (pixels, VAE latents) of the same views;
-`snakemake all` does both.
+`snakemake train` fits the feature-conditioned diffusion model from the store (config `training:`);
+`snakemake all` does all of them.
 
 plan (checkpoint: list the source, create/resume the store)
   -> extract_shard (one job per shard x group; commits its shard in the store)
   -> finalize_<stage> (gather commits, validate every chunk, statistics, consolidate, summary)
+  -> train (reads the finished store only; resumes from its own checkpoints)
 
 The store holds the authoritative commit records; the small JSON files under work_dir are only
 Snakemake's view of them, so losing work_dir costs a re-check, never a re-extraction.
@@ -54,12 +56,15 @@ _write_effective_config()
 
 
 STAGES = [stage for stage in ("features", "latents") if stage_groups(config, stage)]
+TRAINING = config.get("training")
+MODEL = f"{TRAINING['output_dir']}/{TRAINING['run']}" if TRAINING else None
 
 
 rule all:
     default_target: True
     input:
         [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+        [f"{MODEL}/featinv_training.json"] if TRAINING else [],
 
 
 rule extract_features:
@@ -139,3 +144,30 @@ rule finalize:
         finalize=1,  # one finalize at a time per store (profiles/default caps it at 1)
     shell:
         "{FEATINV} finalize {input.config} --stage {wildcards.stage} --out {output}"
+
+
+
+if TRAINING:
+
+    rule train:
+        """The model folder's training record is written last: its presence means the run
+        finished.  The checkpoints beside it are no outputs, so Snakemake never deletes them, and
+        a rerun after a failure resumes from the latest one."""
+        input:
+            [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+            config=CONFIG_JSON,
+        output:
+            f"{MODEL}/featinv_training.json",
+        threads: TRAINING["threads"]
+        resources:
+            gpu=TRAINING["gpus"],
+            mem_mb=TRAINING["mem_mb"],
+            runtime=TRAINING["runtime_min"],
+        shell:
+            "{FEATINV} train {input.config}"
+
+else:
+
+    rule train:
+        shell:
+            "echo 'featinv: the config has no training: section (see README)' >&2; exit 2"

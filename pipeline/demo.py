@@ -32,7 +32,7 @@ COMPLETE_MARKER = ".complete"
 IMAGE_SUFFIXES = (".jpg", ".png")
 JPEG_QUALITY = 95
 TRUNCATED = ("food", "coffee_truncated.jpg", "coffee.jpg")  # class, file, file it is cut from
-LFW_FACES = 8  # lfw_subset(): the first 100 of its 200 images are faces
+LFW_FACES = 48  # lfw_subset(): the first 100 of its 200 images are faces
 
 
 def _skimage(name: str) -> Loader:

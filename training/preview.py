@@ -36,6 +36,9 @@ def load_store_vae(vae: dict, device: torch.device):
     return model.to(device).eval().requires_grad_(False)
 
 
+MIN_CELL = 96  # pixels
+
+
 class Preview:
     def __init__(self, data: TrainingData, trainee: Trainee, spec: dict, out: Path):
         self.data, self.trainee, self.settings = data, trainee, spec["preview"]
@@ -74,7 +77,9 @@ class Preview:
         size = images.shape[-2:]
         targets = torch.nn.functional.interpolate(self.targets(device).float(), size)
         rows = torch.cat([targets.to(torch.uint8)[:, None], images.reshape(n, k, 3, *size)], 1)
-        return make_grid(rows.flatten(0, 1), nrow=k + 1, padding=2, pad_value=255)
+        grid = make_grid(rows.flatten(0, 1), nrow=k + 1, padding=2, pad_value=255)
+        scale = -(-MIN_CELL // size[0])  # small images are enlarged (nearest) to be seen
+        return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
 
     def log(self, accelerator, model: torch.nn.Module, step: int) -> Path | None:
         if not self.enabled:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -121,13 +122,13 @@ def train(config: dict, progress: bool = True) -> Path:
     """Train (or resume) the run of `config["training"]` on `config["store"]`; the model folder."""
     spec = config["training"]
     out = Path(spec["output_dir"]) / spec["run"]
+    data = open_training_data(config["store"], spec)  # every store problem, before any work
     accelerator = Accelerator(
         mixed_precision=spec["mixed_precision"],
         gradient_accumulation_steps=spec["gradient_accumulation_steps"],
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    data = open_training_data(config["store"], spec)
     trainee = new_trainee(spec, data).to(accelerator.device)
     world, rank = accelerator.num_processes, accelerator.process_index
 
@@ -160,7 +161,8 @@ def train(config: dict, progress: bool = True) -> Path:
     preview = Preview(data, trainee, spec, out) if accelerator.is_main_process else None
     accelerator.init_trackers("featinv", config=_flat("", spec))
     bar = tqdm(total=spec["steps"], initial=step, unit="step", desc=f"train {spec['run']}",
-               disable=not (progress and accelerator.is_main_process))  # fmt: skip
+               disable=not (progress and accelerator.is_main_process),
+               mininterval=1 if sys.stderr.isatty() else 30)  # fmt: skip
     meter, micro = StepMeter(), 0
 
     for batch in meter.batches(loader):

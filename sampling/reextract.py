@@ -1,0 +1,45 @@
+"""Re-extract the features of generated images with exactly the backbone a store records.
+
+Evaluation is the one place after extraction that runs a backbone, and it must be the same one:
+the weights, layer and preprocessing come from the feature array's attributes (or a training
+record's copy of them), and the forward pass is the extraction stage's own code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.backbones import Backbone, BackboneSpec, load_backbone
+from pipeline.backbones import PREPROCESSING_KEYS
+
+
+def recorded_backbone(attrs: dict, device: str = "cpu") -> Backbone:
+    """The backbone of a feature array's attributes (`backbone`, `layer`, `weights`,
+    `preprocessing`), random weights re-made from their recorded seed."""
+    spec = BackboneSpec(
+        name=attrs["backbone"],
+        weights=attrs["weights"]["source"],
+        layers=(attrs["layer"],),
+        preprocessing={k: attrs["preprocessing"][k] for k in PREPROCESSING_KEYS},
+    )
+    return load_backbone(spec, seed=attrs["weights"].get("seed") or 0, device=device)
+
+
+def reextract(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """Features `[N, C, y, x]` of uint8 images `[N, 3, H, W]`, each taken whole as its view
+    (resampled to the backbone's input size with its interpolation, then normalised)."""
+    inputs = []
+    for image in images:
+        pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()))
+        whole = np.array([[0, 0, pil.width, pil.height, 0]], np.float32)
+        inputs.append(backbone.prepare(pil, whole))
+    with torch.inference_mode():
+        outputs = backbone.encode(torch.cat(inputs))
+    return outputs[f"features/{backbone.name}/{backbone.spec.layers[0]}"].float().cpu()
+
+
+def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity per sample between two batches of maps, over the flattened map."""
+    return torch.nn.functional.cosine_similarity(a.flatten(1).float(), b.flatten(1).float())
