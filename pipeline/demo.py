@@ -195,6 +195,70 @@ def build_demo_vae(out_dir: str) -> Path:
     return out
 
 
+# A tiny Stable-Diffusion-1.x-shaped pipeline folder (unet/, text_encoder/, tokenizer/, scheduler/,
+# vae/) with seeded random weights, for FeatInv mode where no hub model can be downloaded: a
+# cross-attention UNet on 4x32x32 latents (the demo VAE's at 64 px), a 2-layer CLIP text model and
+# a character-level CLIP BPE tokenizer.
+DEMO_SD_UNET = {
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "cross_attention_dim": 32,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+DEMO_SD_TEXT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "max_position_embeddings": 32}  # fmt: skip
+
+
+def _demo_tokenizer(folder: Path):
+    """A CLIP BPE tokenizer over single characters (no merges), saved and loadable offline."""
+    import json
+
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789,.-'":
+        vocab[char] = len(vocab)
+        vocab[f"{char}</w>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"),
+                              model_max_length=DEMO_SD_TEXT["max_position_embeddings"])  # fmt: skip
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def build_demo_sd(out_dir: str) -> Path:
+    """Save the tiny SD-1.x folder once (`.complete` written last); loads with from_pretrained."""
+    import torch
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    out = Path(out_dir)
+    if (out / COMPLETE_MARKER).exists():
+        return out
+    tokenizer = _demo_tokenizer(out / "tokenizer")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        UNet2DConditionModel(**DEMO_SD_UNET).save_pretrained(out / "unet")
+        text = CLIPTextConfig(vocab_size=len(tokenizer), pad_token_id=1, bos_token_id=0,
+                              eos_token_id=1, **DEMO_SD_TEXT)  # fmt: skip
+        CLIPTextModel(text).save_pretrained(out / "text_encoder")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False).save_pretrained(out / "scheduler")  # fmt: skip
+    build_demo_vae(str(out / "vae"))
+    _write_atomic(out / COMPLETE_MARKER, b"featinv demo SD-1.x pipeline (random weights)\n")
+    return out
+
+
 def demo_feature_maps(out_dir: str, layers: tuple[str, ...]) -> dict:
     """Real fp32 maps `[sample, C, y, x]` of efficientnet_lite0 (ImageNet weights) on every
     decodable demo photo, timm's eval preprocessing: data for codec tests and benchmarks."""

@@ -60,7 +60,9 @@ def _reason(exc: Exception) -> str:
 def load_featinv_base(pretrained: str, revision: str | None, prompt: str):
     """The frozen SD-1.x UNet, its training noise schedule and the prompt's text embeddings."""
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging
 
+    logging.disable_progress_bar()
     try:
         kwargs = {"revision": revision}
         unet = UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **kwargs)
@@ -115,6 +117,8 @@ def new_trainee(spec: dict, data: TrainingData) -> Trainee:
         )
         model.hint.set_stats(data.channel_stats["mean"], data.channel_stats["std"])
         return Trainee("compact", model, scheduler, {"keep_hint": 0})
+    if data.target_kind != "latents":
+        raise ModelLoadError("config training.target: featinv mode trains on latents/<target>")
     base = {k: spec["featinv"][k] for k in ("pretrained", "revision", "prompt")}
     unet, scheduler, prompt, empty = load_featinv_base(**base)
     check_featinv_target(unet, data)
@@ -130,8 +134,6 @@ def new_trainee(spec: dict, data: TrainingData) -> Trainee:
 
 
 def check_featinv_target(unet: UNet2DConditionModel, data: TrainingData) -> None:
-    if data.target_kind != "latents":
-        raise ModelLoadError("config training.target: featinv mode trains on latents/<target>")
     if data.target_shape[0] != unet.config.in_channels:
         raise ModelLoadError(
             f"config training.target: latents have {data.target_shape[0]} channels, the base "

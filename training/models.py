@@ -104,26 +104,26 @@ class FeatInvControlNet(ModelMixin, ConfigMixin):
         return self.controlnet.controlnet_cond_embedding
 
     @classmethod
-    def from_unet(cls, unet: UNet2DConditionModel, feature_channels: int, hint_channels: int = 512):
-        """ControlNet's usual start: a copy of the UNet's encoder, the hint block new."""
+    def from_unet(cls, unet: UNet2DConditionModel, feature_channels: int, hint_size: int,
+                  hint_channels: int = 512) -> FeatInvControlNet:  # fmt: skip
+        """ControlNet's usual start: a copy of the UNet's encoder; the hint block is new, its
+        grid (`hint_size`) the latents' (FeatInv: 32 for 256 px SD-1.x)."""
         source = ControlNetModel.from_unet(unet, conditioning_channels=feature_channels)
         config = {k: v for k, v in source.config.items() if not k.startswith("_")}
-        size = unet.config.sample_size
-        model = cls(config, feature_channels, size if isinstance(size, int) else size[0],
-                    hint_channels)  # fmt: skip
+        model = cls(config, feature_channels, hint_size, hint_channels)
         weights = {k: v for k, v in source.state_dict().items()
                    if not k.startswith("controlnet_cond_embedding.")}  # fmt: skip
         missing, unexpected = model.controlnet.load_state_dict(weights, strict=False)
-        assert not unexpected and all(k.startswith("controlnet_cond_embedding.") for k in missing)
+        if unexpected or any(not k.startswith("controlnet_cond_embedding.") for k in missing):
+            raise RuntimeError(f"ControlNet copy mismatch: {missing + unexpected}")
         return model
 
     def forward(self, sample, timestep, encoder_hidden_states, features, keep_hint=None):
         """The residuals for the frozen UNet's down blocks and mid block."""
-        out = self.controlnet(
+        return self.controlnet(
             sample, timestep, encoder_hidden_states=encoder_hidden_states,
             controlnet_cond=self.hint.normalize(features, keep_hint), return_dict=False,
         )  # fmt: skip
-        return out
 
 
 class FeatInvDenoiser(nn.Module):
