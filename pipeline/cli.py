@@ -146,7 +146,8 @@ def cmd_train(args) -> None:
         _check_url("--store", args.store)
         config["store"] = args.store
     out = train(config)
-    print(f"trained model: {out}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # once, not per process of `accelerate launch`
+        print(f"trained model: {out}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -253,14 +253,14 @@ def test_killed_and_resumed_equals_uninterrupted(train_store, tmp_path):
 
 
 def test_two_processes_save_one_consistent_checkpoint(train_store, tmp_path):
-    """`accelerate launch --num_processes 2` on CPU (gloo): one checkpoint, both ranks' RNG."""
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (torchrun, gloo): one checkpoint
+    with both ranks' RNG states, equal to the saved model."""
     config = training_config(train_store, tmp_path, run="ddp", steps=4, checkpoint_every=2,
                              ema={"enabled": False}, **TINY)  # fmt: skip
     path = write(tmp_path / "ddp.yaml", config)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--multi_gpu" if torch.cuda.device_count() > 1 else "--cpu",
-              "-m", "pipeline.cli", "train", str(path)]  # fmt: skip
+              "--multi_gpu", "-m", "pipeline.cli", "train", str(path)]  # fmt: skip
     result = subprocess.run(launch, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "ddp"

@@ -124,6 +124,8 @@ def train(config: dict, progress: bool = True) -> Path:
     out = Path(spec["output_dir"]) / spec["run"]
     data = open_training_data(config["store"], spec)  # every store problem, before any work
     accelerator = Accelerator(
+        # processes launched on a machine without GPUs form a gloo group (accelerate's MULTI_CPU)
+        cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available(),
         mixed_precision=spec["mixed_precision"],
         gradient_accumulation_steps=spec["gradient_accumulation_steps"],
         log_with="tensorboard",
