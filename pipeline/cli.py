@@ -147,7 +147,12 @@ def cmd_train(args) -> None:
         config["store"] = args.store
     out = train(config)
     if os.environ.get("RANK", "0") == "0":  # once, not per process of `accelerate launch`
-        print(f"trained model: {out}", file=sys.stderr)
+        record = json.loads((out / "featinv_training.json").read_text())
+        previews = sorted((out / "previews").glob("*.png"))
+        loss = record["final_loss"]
+        print(f"trained model: {out} ({record['mode']}, {record['steps']} steps, final loss "
+              f"{'n/a' if loss is None else f'{loss:.4f}'}"
+              + (f"; latest held-out grid {previews[-1]}" if previews else "") + ")")
 
 
 def build_parser() -> argparse.ArgumentParser:

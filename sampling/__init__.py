@@ -1,1 +1,2 @@
-"""Sampler and evaluation (roadmap: reads the same feature stores as the trainer)."""
+"""Sampling from trained models (any diffusers scheduler, classifier-free guidance) and the
+re-extraction of features that evaluation measures against; both read the same stores."""

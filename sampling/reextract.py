@@ -11,8 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.backbones import Backbone, BackboneSpec, load_backbone
-from pipeline.backbones import PREPROCESSING_KEYS
+from pipeline.backbones import PREPROCESSING_KEYS, Backbone, BackboneSpec, load_backbone
 
 
 def recorded_backbone(attrs: dict, device: str = "cpu") -> Backbone:

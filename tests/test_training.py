@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -104,15 +105,15 @@ def test_training_rows_never_include_heldout_keys(train_store):
 
 @pytest.mark.parametrize(("n", "batch", "world"), [(44, 8, 1), (100, 7, 3), (30, 4, 2)])
 def test_epoch_batches_split_ranks_and_resume_anywhere(n, batch, world):
-    def stream(rank, start=Position(), count=40):
-        return list(EpochBatches(n, batch, world, rank, 3, start, count))
+    def stream(rank, start=None, count=40):
+        return list(EpochBatches(n, batch, world, rank, 3, start or Position(), count))
 
     per_rank = [stream(rank) for rank in range(world)]
     per_epoch = n // (batch * world)
     for step in range(40):
-        together = sum((per_rank[rank][step] for rank in range(world)), [])
+        together = list(chain.from_iterable(per_rank[rank][step] for rank in range(world)))
         assert len(set(together)) == len(together) == batch * world  # disjoint parts
-    first_epoch = sum((sum(b[:per_epoch], []) for b in per_rank), [])
+    first_epoch = [i for batches in per_rank for b in batches[:per_epoch] for i in b]
     assert len(set(first_epoch)) == len(first_epoch)  # no item twice within an epoch
     sampler = EpochBatches(n, batch, world, 0, 3, Position(), 40)
     for k in (0, 1, per_epoch, per_epoch + 1, 17):
@@ -170,6 +171,7 @@ def demo_run(train_store, tmp_path_factory):
     demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["training"]
     tmp = tmp_path_factory.mktemp("demo_run")
     demo.update(output_dir=str(tmp), steps=500, preview_every=250, log_every=25)
+    torch.set_num_threads(os.cpu_count())  # as a fresh `featinv train` (extraction set it to 1)
     start = time.perf_counter()
     out = train(validate_config({"store": train_store, "training": demo}, "train"), False)
     return out, time.perf_counter() - start
@@ -228,7 +230,8 @@ def test_killed_and_resumed_equals_uninterrupted(train_store, tmp_path):
     """Weights bitwise equal on CPU, data-loader workers, EMA and previews included; a checkpoint
     torn by the kill is deleted, only the last checkpoints are kept."""
     settings = {"steps": 40, "checkpoint_every": 10, "checkpoints_total_limit": 2,
-                "batch_size": 16, "num_workers": 1, "preview_every": 15, "log_every": 5}  # fmt: skip
+                "batch_size": 16, "num_workers": 1, "preview_every": 15,
+                "log_every": 5}  # fmt: skip
     whole = write(tmp_path / "whole.yaml", training_config(train_store, tmp_path, run="whole",
                                                           **settings))  # fmt: skip
     cut = write(tmp_path / "cut.yaml", training_config(train_store, tmp_path, run="cut",
@@ -351,8 +354,9 @@ def _fails(tmp_path: Path, config: dict, message: str, capsys) -> None:
 def test_bad_config_or_store_stops_before_any_work(train_store, tmp_path, capsys):
     import shutil
 
-    good = {"store": train_store, "training": {"features": FEATURES, "target": "pixels/pixels",
-                                                "output_dir": str(tmp_path / "models")}}  # fmt: skip
+    training = {"features": FEATURES, "target": "pixels/pixels",
+                "output_dir": str(tmp_path / "models")}
+    good = {"store": train_store, "training": training}
 
     def fails(changes: dict, message: str, store: str = train_store) -> None:
         config = {**good, "store": store, "training": {**good["training"], **changes}}

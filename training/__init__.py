@@ -1,4 +1,5 @@
-"""Decoupled trainer for the feature-conditioned diffusion model.
+"""The decoupled trainer: fit the feature-conditioned diffusion model from a store alone.
 
-Roadmap: it reads cached feature/latent pairs only, never running a backbone.
+`train.train(config)` (the `featinv train` command and the Snakemake rule `train`) reads pairs of
+a feature map and a target of the same view through `storage_specs` and never builds a backbone.
 """

@@ -1,4 +1,4 @@
-"""Checkpoints: `accelerator.save_state` folders written atomically, the last few kept, resumed exactly.
+"""Checkpoints: `accelerator.save_state` folders, written whole, the last few kept, exact resume.
 
 A checkpoint is the model, optimizer, learning-rate scheduler and RNG states (accelerate, model
 weights as safetensors), the EMA weights (safetensors, written here rather than through

@@ -76,8 +76,8 @@ def load_featinv_base(pretrained: str, revision: str | None, prompt: str):
         ) from None
     with torch.no_grad():
         ids = tokenizer([prompt, ""], padding="max_length", truncation=True,
-                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids  # fmt: skip
-        embeds = text_encoder(ids)[0]
+                        max_length=tokenizer.model_max_length, return_tensors="pt")  # fmt: skip
+        embeds = text_encoder(ids.input_ids)[0]
     unet.requires_grad_(False).eval()
     return unet, scheduler, embeds[:1].clone(), embeds[1:].clone()
 

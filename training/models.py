@@ -1,4 +1,4 @@
-"""The feature-conditioned diffusion models, as diffusers models (`from_pretrained`/`save_pretrained`).
+"""The feature-conditioned diffusion models, diffusers models (`from_pretrained`/`save_pretrained`).
 
 Both modes condition through FeatInv's hint block (`FeatureHint`): the feature map, normalised with
 its channel statistics, is resized bilinearly to the model's grid, then conv3x3 C->h, SiLU,

@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from torchvision.utils import make_grid
 
-from storage_specs.datasets import PairDataset
 from sampling.sampler import make_scheduler, sample, to_images
+from storage_specs.datasets import PairDataset
 from training.data import TrainingData
 from training.denoisers import Trainee
 

@@ -29,9 +29,8 @@ from diffusers.training_utils import EMAModel
 from tqdm import tqdm
 
 from storage_specs.provenance import provenance
-
 from training.checkpoint import Checkpoints
-from training.data import EpochBatches, Position, TrainingData, open_training_data
+from training.data import EpochBatches, TrainingData, open_training_data
 from training.denoisers import RECORD, Trainee, new_trainee
 from training.preview import Preview
 
@@ -132,7 +131,8 @@ def train(config: dict, progress: bool = True) -> Path:
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     trainee = new_trainee(spec, data).to(accelerator.device)
-    if trainee.unet is not None and spec["mixed_precision"] != "no" and accelerator.device.type == "cuda":
+    half = spec["mixed_precision"] != "no" and accelerator.device.type == "cuda"
+    if trainee.unet is not None and half:
         # the frozen UNet in half precision: half its memory (CPU autocast lacks group_norm)
         trainee.unet.to({"fp16": torch.float16, "bf16": torch.bfloat16}[spec["mixed_precision"]])
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -168,7 +168,7 @@ def train(config: dict, progress: bool = True) -> Path:
     bar = tqdm(total=spec["steps"], initial=step, unit="step", desc=f"train {spec['run']}",
                disable=not (progress and accelerator.is_main_process),
                mininterval=1 if sys.stderr.isatty() else 30)  # fmt: skip
-    meter, micro = StepMeter(), 0
+    meter, micro, logged = StepMeter(), 0, {}
 
     for batch in meter.batches(loader):
         batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
@@ -193,10 +193,10 @@ def train(config: dict, progress: bool = True) -> Path:
             ema.step(unwrapped.parameters())
         bar.update()
         if step % spec["log_every"] == 0 or step == spec["steps"]:
-            values = meter.report(accelerator, lr_scheduler.get_last_lr()[0])
-            accelerator.log(values, step=step)
+            logged = meter.report(accelerator, lr_scheduler.get_last_lr()[0])
+            accelerator.log(logged, step=step)
             bar.set_postfix(
-                loss=f"{values['loss']:.4f}", wait=f"{values['data_wait_fraction']:.0%}"
+                loss=f"{logged['loss']:.4f}", wait=f"{logged['data_wait_fraction']:.0%}"
             )
         if step % spec["checkpoint_every"] == 0 or step == spec["steps"]:
             checkpoints.save(step, sampler.advance(start, micro), ema, settings)
@@ -206,12 +206,13 @@ def train(config: dict, progress: bool = True) -> Path:
                     preview.log(accelerator, unwrapped, step)
             accelerator.wait_for_everyone()
     bar.close()
-    _save_final(accelerator, unwrapped, ema, trainee, data, spec, out, step)
+    run = {"steps": step, "final_loss": logged.get("loss"), "world_size": world}
+    _save_final(accelerator, unwrapped, ema, trainee, data, spec, out, run)
     accelerator.end_training()
     return out
 
 
-class _ema_weights:  # noqa: N801 - used as a context manager
+class _ema_weights:
     """Swap the EMA weights into the model for a while (no-op without EMA)."""
 
     def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
@@ -228,7 +229,7 @@ class _ema_weights:  # noqa: N801 - used as a context manager
 
 
 def _save_final(accelerator, model, ema, trainee: Trainee, data: TrainingData, spec: dict,
-                out: Path, step: int) -> None:  # fmt: skip
+                out: Path, run: dict) -> None:  # fmt: skip
     """The model (EMA weights when kept) with `save_pretrained`, its noise schedule, and the
     training record, written last: its presence means the folder is whole."""
     accelerator.wait_for_everyone()
@@ -237,11 +238,11 @@ def _save_final(accelerator, model, ema, trainee: Trainee, data: TrainingData, s
     with _ema_weights(ema, model):
         model.save_pretrained(out, safe_serialization=True)
     trainee.noise_scheduler.save_pretrained(out / "scheduler")
-    _write_json_atomic(out / RECORD, training_record(trainee, data, spec, step, accelerator))
+    _write_json_atomic(out / RECORD, training_record(trainee, data, spec, run))
 
 
-def training_record(trainee: Trainee, data: TrainingData, spec: dict, step: int,
-                    accelerator: Accelerator) -> dict:  # fmt: skip
+def training_record(trainee: Trainee, data: TrainingData, spec: dict, run: dict) -> dict:
+    """What a sampler, an evaluation or a person needs to know about the model (SPEC-like)."""
     schedule = trainee.noise_scheduler.config
     return {
         "featinv_training": 1,
@@ -253,7 +254,7 @@ def training_record(trainee: Trainee, data: TrainingData, spec: dict, step: int,
         "normalisation": {
             "kind": "per-channel (x - mean) / std, from the array's channel_stats",
             "in_model": "hint.mean, hint.std buffers",
-        },  # fmt: skip
+        },
         "noise_schedule": {
             k: schedule[k]
             for k in (
@@ -264,13 +265,12 @@ def training_record(trainee: Trainee, data: TrainingData, spec: dict, step: int,
                 "prediction_type",
             )
             if k in schedule
-        },  # fmt: skip
+        },
         "prediction_type": schedule["prediction_type"],
         "unconditional": trainee.unconditional,
-        "steps": step,
+        **run,  # steps, final_loss, world_size
         "seed": spec["seed"],
         "ema": spec["ema"],
-        "world_size": accelerator.num_processes,
         "mixed_precision": spec["mixed_precision"],
         "training": spec,
         "provenance": provenance({"store": data.url, "training": spec}),
