@@ -200,8 +200,10 @@ def main() -> None:
                 f"{k} {v['steps_per_s'] if isinstance(v, dict) else v:.2f} steps/s"
                 for k, v in row.items()), flush=True)  # fmt: skip
         server.stop()
-    print(f"compact mode, batch {args.batch_size}, {args.images} images x 2 views, "
-          f"{args.steps} steps x {args.repeats} repeats, torch threads 2, 1 reader worker")
+    print(
+        f"compact mode, batch {args.batch_size}, {args.images} images x 2 views, "
+        f"{args.steps} steps x {args.repeats} repeats, torch threads 2, 1 reader worker"
+    )
     for kind in ("pixels", "latents"):
         for way in ("featinv code", "batched online"):
             ratio = statistics.median(r[f"store {kind}"]["steps_per_s"] / r[f"{way} {kind}"]

@@ -150,9 +150,12 @@ def cmd_train(args) -> None:
         record = json.loads((out / "featinv_training.json").read_text())
         previews = sorted((out / "previews").glob("*.png"))
         loss = record["final_loss"]
-        print(f"trained model: {out} ({record['mode']}, {record['steps']} steps, final loss "
-              f"{'n/a' if loss is None else f'{loss:.4f}'}"
-              + (f"; latest held-out grid {previews[-1]}" if previews else "") + ")")
+        print(
+            f"trained model: {out} ({record['mode']}, {record['steps']} steps, final loss "
+            f"{'n/a' if loss is None else f'{loss:.4f}'}"
+            + (f"; latest held-out grid {previews[-1]}" if previews else "")
+            + ")"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -249,8 +249,10 @@ def test_killed_and_resumed_equals_uninterrupted(train_store, tmp_path):
 
     assert_same_weights(model_weights(tmp_path / "whole"), model_weights(tmp_path / "cut"))
     for name in ("model.safetensors", "ema.safetensors"):
-        assert_same_weights(load_file(tmp_path / f"whole/checkpoints/checkpoint-40/{name}"),
-                            load_file(tmp_path / f"cut/checkpoints/checkpoint-40/{name}"))
+        assert_same_weights(
+            load_file(tmp_path / f"whole/checkpoints/checkpoint-40/{name}"),
+            load_file(tmp_path / f"cut/checkpoints/checkpoint-40/{name}"),
+        )
     assert sorted(p.name for p in (tmp_path / "cut/checkpoints").iterdir()) == [
         "checkpoint-30", "checkpoint-40"]  # fmt: skip
 
@@ -354,8 +356,11 @@ def _fails(tmp_path: Path, config: dict, message: str, capsys) -> None:
 def test_bad_config_or_store_stops_before_any_work(train_store, tmp_path, capsys):
     import shutil
 
-    training = {"features": FEATURES, "target": "pixels/pixels",
-                "output_dir": str(tmp_path / "models")}
+    training = {
+        "features": FEATURES,
+        "target": "pixels/pixels",
+        "output_dir": str(tmp_path / "models"),
+    }
     good = {"store": train_store, "training": training}
 
     def fails(changes: dict, message: str, store: str = train_store) -> None:
@@ -363,17 +368,26 @@ def test_bad_config_or_store_stops_before_any_work(train_store, tmp_path, capsys
         _fails(tmp_path, config, message, capsys)
 
     fails({"steps": 0}, "config training.steps: 0 is less than the minimum of 1")
-    fails({"features": "features/efficientnet_lite0/blocks.9"},
-          "has no features/efficientnet_lite0/blocks.9 (arrays: features/efficientnet_lite0/")
+    fails(
+        {"features": "features/efficientnet_lite0/blocks.9"},
+        "has no features/efficientnet_lite0/blocks.9 (arrays: features/efficientnet_lite0/",
+    )
     fails({"target": "latents/nope"}, "has no latents/nope/mean")
     fails({"views": [0, 5]}, "config training.views: [0, 5] out of range")
-    fails({"mode": "featinv", "target": "latents/vae",
-           "featinv": {"pretrained": str(tmp_path / "nothing")}},
-          f"cannot load training.featinv.pretrained '{tmp_path / 'nothing'}'")
+    fails(
+        {
+            "mode": "featinv",
+            "target": "latents/vae",
+            "featinv": {"pretrained": str(tmp_path / "nothing")},
+        },
+        f"cannot load training.featinv.pretrained '{tmp_path / 'nothing'}'",
+    )
     base = str(build_demo_sd(str(tmp_path / "sd")))
     capsys.readouterr()
-    fails({"mode": "featinv", "featinv": {"pretrained": base}},
-          "featinv mode trains on latents/<target>")
+    fails(
+        {"mode": "featinv", "featinv": {"pretrained": base}},
+        "featinv mode trains on latents/<target>",
+    )
     fails({"batch_size": 1000}, "fewer than one batch")
     fails({}, "no featinv store at", store=str(tmp_path / "missing.zarr"))
     for i, (attrs, message) in enumerate((({"complete": False}, "is not complete"),
