@@ -35,9 +35,7 @@ from pipeline.backbones import BackboneSpec, LayerTaps, load_backbone
 from pipeline.config import validate_config
 from pipeline.decode import decode_image
 from pipeline.demo import build_demo_images
-from pipeline.extract import extract_shard
-from pipeline.finalize import finalize_store
-from pipeline.plan import plan_store
+from pipeline.run import run_all
 from pipeline.views import ViewSpec, draw_views
 from storage_specs.chunks import ChunkReader
 from storage_specs.datasets import PairDataset
@@ -62,11 +60,7 @@ def build(tmp: Path, n_images: int) -> tuple[str, list[Path]]:
     config = validate_config({"source": str(images), "store": str(tmp / "store.zarr"),
                               "backbones": [BACKBONE], "shard_size": 16, "views": {"count": 2},
                               "num_workers": 0})  # fmt: skip
-    plan = plan_store(config)
-    for shard in range(plan["n_shards"]):
-        extract_shard(config, "main", shard, progress=False)
-    finalize_store(config["store"], progress=False)
-    return config["store"], sorted(files)
+    return run_all(config), sorted(files)
 
 
 def batches(n_items: int, n_batches: int, seed: int) -> list[list[int]]:

@@ -40,9 +40,6 @@ from read_throughput import s3_copy
 from pipeline.backbones import BackboneSpec, load_backbone
 from pipeline.config import validate_config
 from pipeline.demo import build_demo_vae
-from pipeline.extract import extract_shard
-from pipeline.finalize import finalize_store
-from pipeline.plan import plan_store
 from training.data import open_training_data
 from training.denoisers import new_trainee
 from training.preview import load_store_vae
@@ -61,12 +58,7 @@ def build_store(tmp: Path, images: Path) -> str:
                     {"name": "vae", "kind": "vae", "model": str(vae), "size": 64}],
         "shard_size": 32, "views": {"count": 2}, "num_workers": 1, "threads": 2,
     })  # fmt: skip
-    plan = plan_store(config)
-    for group in plan["groups"]:
-        for shard in range(plan["n_shards"]):
-            extract_shard(config, group, shard, progress=False)
-    finalize_store(config["store"], progress=False)
-    return config["store"]
+    return run_all(config)
 
 
 def training_spec(store: str, out: Path, target: str, steps: int, batch: int) -> dict:

@@ -13,9 +13,7 @@ import yaml
 
 from pipeline.config import validate_config
 from pipeline.demo import build_demo_images
-from pipeline.extract import extract_shard
-from pipeline.finalize import finalize_store
-from pipeline.plan import plan_store
+from pipeline.run import run_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,12 +78,7 @@ def write_config(tmp_path: Path, config: dict) -> Path:
 
 def build_store(config: dict) -> str:
     """The whole stage through the Python API (what each Snakemake job runs)."""
-    plan = plan_store(config)
-    for group in plan["groups"]:
-        for shard in range(plan["n_shards"]):
-            extract_shard(config, group, shard, progress=False)
-    finalize_store(config["store"], progress=False)
-    return config["store"]
+    return run_all(config)
 
 
 def store_objects(url: str, fs=None) -> dict[str, bytes]:

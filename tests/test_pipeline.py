@@ -1,5 +1,5 @@
-"""`snakemake all` (extract_features + encode_latents) end to end on real photos, read back with
-plain zarr and checked against independent computations."""
+"""`snakemake all` (extract_features + encode_latents + train) end to end on real photos, read back
+with plain zarr and checked against independent computations."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ from pipeline.demo import build_demo_vae
 from pipeline.weights import create_backbone
 from tests.conftest import SMALL, make_config, snakemake, write_config
 
-TARGETS = ("extract_features", "encode_latents")
+TARGETS = ("all",)
+# A few steps of a tiny model: the rule, its inputs and outputs, not the learning (test_training).
+TRAINING = {"features": "features/efficientnet_lite0/bn2", "target": "latents/vae", "steps": 3,
+            "batch_size": 4, "num_workers": 0, "checkpoint_every": 2, "preview_every": 3,
+            "heldout": {"fraction": 0.25}, "gpus": 0,
+            "compact": {"block_out_channels": [16, 32], "norm_num_groups": 8,
+                        "hint_channels": 8}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +37,9 @@ def run(small_dir, tmp_path_factory):
         {"name": "pixels", "kind": "pixels", "size": 32},
         {"name": "vae", "kind": "vae", "model": str(vae), "size": 32},
     ]
-    config = make_config(tmp, small_dir, shard_size=3, views={"count": 2}, targets=targets)
+    training = {**TRAINING, "output_dir": str(tmp / "models"), "run": "e2e"}
+    config = make_config(tmp, small_dir, shard_size=3, views={"count": 2}, targets=targets,
+                         training=training)  # fmt: skip
     result = snakemake(write_config(tmp, config), tmp, "--cores", "2", targets=TARGETS)
     assert result.returncode == 0, result.stderr[-3000:]
     return config, result, tmp
@@ -185,6 +193,18 @@ def test_summary_shows_cat_and_skips(run):
     cls = int(chelsea.split("->")[1].split()[0])
     assert 281 <= cls <= 285, chelsea  # ImageNet's domestic cat classes
     assert "bytes on disk" in out
+
+
+def test_snakemake_all_ends_with_a_trained_model(run):
+    from training.denoisers import load_trained
+
+    config, result, tmp = run
+    trainee, record = load_trained(tmp / "models/e2e")
+    assert record["steps"] == 3 and record["store"]["url"] == config["store"]
+    assert record["store"]["target"]["paths"] == ["latents/vae/logvar", "latents/vae/mean"]
+    assert (tmp / "models/e2e/previews/step-0000003.png").is_file()  # decoded by the store's VAE
+    assert f"trained model: {tmp / 'models/e2e'} (compact, 3 steps" in result.stdout
+    assert trainee.model.hint.mean.shape == (1280,)
 
 
 def test_rerun_of_finished_store_does_nothing(run):

@@ -16,8 +16,13 @@ import torch
 
 from storage_specs.datasets import PairDataset
 from storage_specs.layout import StoreError
+from storage_specs.provenance import redact_url
 from storage_specs.reader import FeatureStore
 from storage_specs.split import RULE, heldout_mask
+
+# What the training record copies from the arrays (the model must be usable without the store).
+FEATURE_ATTRS = ("backbone", "layer", "weights", "preprocessing", "stride", "dtype")
+TARGET_ATTRS = ("size", "interpolation", "vae", "scaling_factor")
 
 
 @dataclass
@@ -56,59 +61,63 @@ def _target_arrays(store: FeatureStore, target: str) -> dict[str, str]:
     return {stat: store.require(f"latents/{name}/{stat}").path for stat in ("mean", "logvar")}
 
 
-def open_training_data(url: str, spec: dict) -> TrainingData:
-    """The run's pairs, or StoreError naming what is wrong with the store for this config."""
-    store = FeatureStore(url)  # refuses other spec versions
+def _require_complete(store: FeatureStore) -> None:
     if not store.complete:
         pending = (store.root.attrs.get("summary") or {}).get("pending_groups")
         raise StoreError(
-            f"store '{url}' is not complete (pending groups: {pending or 'not finalized'}): "
+            f"store '{store.url}' is not complete (pending groups: {pending or 'not finalized'}): "
             "finish `snakemake extract_features encode_latents` first"
         )
+
+
+def _attrs(arr, keys: tuple[str, ...]) -> dict:
+    return {key: arr.attrs.get(key) for key in keys}
+
+
+def open_training_data(url: str, spec: dict) -> TrainingData:
+    """The run's pairs, or StoreError naming what is wrong with the store for this config."""
+    store = FeatureStore(url)  # refuses other spec versions
+    _require_complete(store)
     features = store.require(spec["features"])
-    stats = features.attrs.get("channel_stats")
-    if not stats:
+    if not features.attrs.get("channel_stats"):
         raise StoreError(f"{spec['features']} in '{url}' has no channel_stats")
     arrays = {"features": features.path, **_target_arrays(store, spec["target"])}
-    target = store.root[arrays["pixels" if "pixels" in arrays else "mean"]]
+    target = store.root[arrays.get("pixels") or arrays["mean"]]
     count = store.root.attrs["views"]["count"]
     views = list(range(count)) if spec["views"] is None else list(spec["views"])
     if max(views) >= count:
         raise StoreError(f"config training.views: {views} out of range, the store has {count}")
     samples = store.samples()
     held = heldout_mask(samples["key"], spec["heldout"]["fraction"], spec["heldout"]["salt"])
-    valid = samples["valid"]
-    train_rows, heldout_rows = np.flatnonzero(valid & ~held), np.flatnonzero(valid & held)
-    if len(train_rows) * len(views) < spec["batch_size"]:
-        raise StoreError(
-            f"'{url}' has {len(train_rows) * len(views)} training pairs, fewer than one batch "
-            f"(training.batch_size {spec['batch_size']})"
-        )
+    train_rows = np.flatnonzero(samples["valid"] & ~held)
+    heldout_rows = np.flatnonzero(samples["valid"] & held)
+    n_pairs = len(train_rows) * len(views)
+    if n_pairs < spec["batch_size"]:
+        raise StoreError(f"'{url}' has {n_pairs} training pairs, fewer than one batch "
+                         f"(training.batch_size {spec['batch_size']})")  # fmt: skip
+    kind = target.path.split("/")[0]
     record = {
-        "url": url,
+        "url": redact_url(url),
         "spec": store.root.attrs["featinv_spec"],
         "n_samples": store.n_samples,
-        "features": {"path": features.path, **{k: features.attrs.get(k) for k in
-                     ("backbone", "layer", "weights", "preprocessing", "stride", "dtype")}},
-        "target": {"kind": target.path.split("/")[0], "paths": sorted(set(arrays.values()) -
-                   {features.path}), **{k: target.attrs.get(k) for k in
-                   ("size", "interpolation", "vae", "scaling_factor")}},
+        "features": {"path": features.path, **_attrs(features, FEATURE_ATTRS)},
+        "target": {"kind": kind, "paths": sorted(p for n, p in arrays.items() if n != "features"),
+                   **_attrs(target, TARGET_ATTRS)},
         "views": views,
         "store_views": dict(store.root.attrs["views"]),
         "split": {"rule": RULE, **spec["heldout"], "n_train_samples": len(train_rows),
-                  "n_heldout_samples": len(heldout_rows),
-                  "n_train_pairs": len(train_rows) * len(views)},
+                  "n_heldout_samples": len(heldout_rows), "n_train_pairs": n_pairs},
     }  # fmt: skip
     return TrainingData(
         url=url,
         arrays=arrays,
-        target_kind=target.path.split("/")[0],
+        target_kind=kind,
         train_rows=train_rows,
         heldout_rows=heldout_rows,
         views=views,
         feature_shape=tuple(features.shape[2:]),
         target_shape=tuple(target.shape[2:]),
-        channel_stats=stats,
+        channel_stats=features.attrs["channel_stats"],
         scaling_factor=target.attrs.get("scaling_factor"),
         record=record,
     )

@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -117,12 +118,8 @@ def _write_json_atomic(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(config: dict, progress: bool = True) -> Path:
-    """Train (or resume) the run of `config["training"]` on `config["store"]`; the model folder."""
-    spec = config["training"]
-    out = Path(spec["output_dir"]) / spec["run"]
-    data = open_training_data(config["store"], spec)  # every store problem, before any work
-    accelerator = Accelerator(
+def make_accelerator(spec: dict, out: Path) -> Accelerator:
+    return Accelerator(
         # processes launched on a machine without GPUs form a gloo group (accelerate's MULTI_CPU)
         cpu=int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.cuda.is_available(),
         mixed_precision=spec["mixed_precision"],
@@ -130,25 +127,62 @@ def train(config: dict, progress: bool = True) -> Path:
         log_with="tensorboard",
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
-    trainee = new_trainee(spec, data).to(accelerator.device)
-    half = spec["mixed_precision"] != "no" and accelerator.device.type == "cuda"
-    if trainee.unet is not None and half:
-        # the frozen UNet in half precision: half its memory (CPU autocast lacks group_norm)
-        trainee.unet.to({"fp16": torch.float16, "bf16": torch.bfloat16}[spec["mixed_precision"]])
-    world, rank = accelerator.num_processes, accelerator.process_index
 
-    model = trainee.model.train()
+
+def make_optimizer(model: torch.nn.Module, spec: dict, world: int):
+    """AdamW and a diffusers LR schedule (counted in process-steps, as accelerate steps it)."""
     lr = spec["learning_rate"] or DEFAULT_LR[spec["mode"]]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=tuple(spec["adam_betas"]),
                                   weight_decay=spec["weight_decay"])  # fmt: skip
-    lr_scheduler = get_scheduler(
+    schedule = get_scheduler(
         spec["lr_scheduler"], optimizer, num_warmup_steps=spec["lr_warmup_steps"] * world,
         num_training_steps=spec["steps"] * world,
     )  # fmt: skip
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    return optimizer, schedule
+
+
+def make_loader(dataset, sampler: EpochBatches, spec: dict, device: torch.device):
+    """Whole batches read by `num_workers` processes, `prefetch_factor` batches ahead each."""
+    workers = spec["num_workers"]
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=sampler, num_workers=workers,
+        prefetch_factor=spec["prefetch_factor"] if workers else None,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+
+@contextmanager
+def ema_weights(ema: EMAModel | None, model: torch.nn.Module):
+    """The EMA weights swapped into the model for a while (nothing without EMA)."""
+    if ema is None:
+        yield
+        return
+    params = list(model.parameters())
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
+
+
+def train(config: dict, progress: bool = True) -> Path:
+    """Train (or resume) the run of `config["training"]` on `config["store"]`; the model folder."""
+    spec = config["training"]
+    out = Path(spec["output_dir"]) / spec["run"]
+    data = open_training_data(config["store"], spec)  # every store problem, before any work
+    accelerator = make_accelerator(spec, out)
+    device, world, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    trainee = new_trainee(spec, data).to(device)
+    if trainee.unet is not None and spec["mixed_precision"] != "no" and device.type == "cuda":
+        # the frozen UNet in half precision: half its memory (CPU autocast lacks group_norm)
+        trainee.unet.to({"fp16": torch.float16, "bf16": torch.bfloat16}[spec["mixed_precision"]])
+    model, optimizer, lr_scheduler = accelerator.prepare(
+        trainee.model.train(), *make_optimizer(trainee.model, spec, world)
+    )
     unwrapped = accelerator.unwrap_model(model)
-    ema = EMAModel(unwrapped.parameters(), decay=spec["ema"]["decay"]) if spec["ema"][
-        "enabled"] else None  # fmt: skip
+    ema = EMAModel(unwrapped.parameters(), decay=spec["ema"]["decay"]) if (
+        spec["ema"]["enabled"]) else None  # fmt: skip
     settings = {key: spec[key] for key in RESUME_SETTINGS}
     checkpoints = Checkpoints(out / "checkpoints", spec["checkpoints_total_limit"], accelerator)
     step, start = checkpoints.resume(ema, settings)
@@ -156,12 +190,7 @@ def train(config: dict, progress: bool = True) -> Path:
     accum = spec["gradient_accumulation_steps"]
     dataset = data.dataset()
     sampler = EpochBatches(len(dataset), spec["batch_size"], world, rank, spec["seed"], start,
-                           count=(spec["steps"] - step) * accum)  # fmt: skip
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=sampler, num_workers=spec["num_workers"],
-        prefetch_factor=spec["prefetch_factor"] if spec["num_workers"] else None,
-        pin_memory=accelerator.device.type == "cuda",
-    )  # fmt: skip
+                           count=max(0, spec["steps"] - step) * accum)  # fmt: skip
     denoiser = trainee.denoiser(model)
     preview = Preview(data, trainee, spec, out) if accelerator.is_main_process else None
     accelerator.init_trackers("featinv", config=_flat("", spec))
@@ -170,11 +199,11 @@ def train(config: dict, progress: bool = True) -> Path:
                mininterval=1 if sys.stderr.isatty() else 30)  # fmt: skip
     meter, micro, logged = StepMeter(), 0, {}
 
-    for batch in meter.batches(loader):
-        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+    for batch in meter.batches(make_loader(dataset, sampler, spec, device)):
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}  # fmt: skip
         with accelerator.accumulate(model), accelerator.autocast():
-            generator = step_generator(spec["seed"], step, micro % accum, rank, accelerator.device)
+            generator = step_generator(spec["seed"], step, micro % accum, rank, device)
             loss = diffusion_loss(denoiser, trainee, data, batch, spec["condition_dropout"],
                                   generator)  # fmt: skip
             accelerator.backward(loss)
@@ -192,17 +221,17 @@ def train(config: dict, progress: bool = True) -> Path:
         if ema is not None:
             ema.step(unwrapped.parameters())
         bar.update()
-        if step % spec["log_every"] == 0 or step == spec["steps"]:
+        last = step == spec["steps"]
+        if step % spec["log_every"] == 0 or last:
             logged = meter.report(accelerator, lr_scheduler.get_last_lr()[0])
             accelerator.log(logged, step=step)
-            bar.set_postfix(
-                loss=f"{logged['loss']:.4f}", wait=f"{logged['data_wait_fraction']:.0%}"
-            )
-        if step % spec["checkpoint_every"] == 0 or step == spec["steps"]:
+            bar.set_postfix(loss=f"{logged['loss']:.4f}",
+                            wait=f"{logged['data_wait_fraction']:.0%}")  # fmt: skip
+        if step % spec["checkpoint_every"] == 0 or last:
             checkpoints.save(step, sampler.advance(start, micro), ema, settings)
-        if spec["preview_every"] and (step % spec["preview_every"] == 0 or step == spec["steps"]):
+        if spec["preview_every"] and (step % spec["preview_every"] == 0 or last):
             if preview is not None:
-                with _ema_weights(ema, unwrapped):
+                with ema_weights(ema, unwrapped):
                     preview.log(accelerator, unwrapped, step)
             accelerator.wait_for_everyone()
     bar.close()
@@ -212,22 +241,6 @@ def train(config: dict, progress: bool = True) -> Path:
     return out
 
 
-class _ema_weights:
-    """Swap the EMA weights into the model for a while (no-op without EMA)."""
-
-    def __init__(self, ema: EMAModel | None, model: torch.nn.Module):
-        self.ema, self.params = ema, list(model.parameters())
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc):
-        if self.ema is not None:
-            self.ema.restore(self.params)
-
-
 def _save_final(accelerator, model, ema, trainee: Trainee, data: TrainingData, spec: dict,
                 out: Path, run: dict) -> None:  # fmt: skip
     """The model (EMA weights when kept) with `save_pretrained`, its noise schedule, and the
@@ -235,7 +248,7 @@ def _save_final(accelerator, model, ema, trainee: Trainee, data: TrainingData, s
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
-    with _ema_weights(ema, model):
+    with ema_weights(ema, model):
         model.save_pretrained(out, safe_serialization=True)
     trainee.noise_scheduler.save_pretrained(out / "scheduler")
     _write_json_atomic(out / RECORD, training_record(trainee, data, spec, run))
