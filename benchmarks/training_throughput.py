@@ -40,6 +40,7 @@ from read_throughput import s3_copy
 from pipeline.backbones import BackboneSpec, load_backbone
 from pipeline.config import validate_config
 from pipeline.demo import build_demo_vae
+from pipeline.run import run_all
 from training.data import open_training_data
 from training.denoisers import new_trainee
 from training.preview import load_store_vae
