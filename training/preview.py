@@ -40,6 +40,9 @@ MIN_CELL = 96  # pixels
 
 
 class Preview:
+    """The first `preview.count` held-out samples (training samples when none is held out), read
+    once; `log` samples them with the current weights."""
+
     def __init__(self, data: TrainingData, trainee: Trainee, spec: dict, out: Path):
         self.data, self.trainee, self.settings = data, trainee, spec["preview"]
         self.seed, self.folder = spec["seed"], out / "previews"

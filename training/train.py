@@ -231,7 +231,7 @@ def train(config: dict, progress: bool = True) -> Path:
             checkpoints.save(step, sampler.advance(start, micro), ema, settings)
         if spec["preview_every"] and (step % spec["preview_every"] == 0 or last):
             if preview is not None:
-                with ema_weights(ema, unwrapped):
+                with ema_weights(ema, unwrapped), accelerator.autocast():
                     preview.log(accelerator, unwrapped, step)
             accelerator.wait_for_everyone()
     bar.close()
