@@ -22,9 +22,9 @@ from tests.conftest import SMALL, make_config, snakemake, write_config
 
 TARGETS = ("all",)
 # A few steps of a tiny model: the rule, its inputs and outputs, not the learning (test_training).
-TRAINING = {"features": "features/vit_tiny_patch16_224/blocks.5", "target": "latents/vae", "steps": 3,
-            "batch_size": 4, "num_workers": 0, "checkpoint_every": 2, "preview_every": 3,
-            "heldout": {"fraction": 0.25}, "gpus": 0,
+TRAINING = {"features": "features/vit_tiny_patch16_224/blocks.5", "target": "latents/vae",
+            "steps": 3, "batch_size": 4, "num_workers": 0, "checkpoint_every": 2,
+            "preview_every": 3, "heldout": {"fraction": 0.25}, "gpus": 0,
             "compact": {"block_out_channels": [16, 32], "norm_num_groups": 8,
                         "hint_channels": 8}}  # fmt: skip
 
