@@ -52,10 +52,41 @@ class FeatureHint(nn.Module):
         return x.to(self.conv_in.weight.dtype)
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(normalized, size=self.size, mode="bilinear", align_corners=False)
-        x = F.silu(self.conv_in(x))
+        x = F.silu(self.resized_conv_in(normalized))
         x = F.silu(self.conv_mid(x))
         return self.conv_out(x)
+
+    def resized_conv_in(self, x: torch.Tensor) -> torch.Tensor:
+        """`conv_in(interpolate(x, size))`, computed where it is cheaper.
+
+        Bilinear resizing is separable and acts on each channel alone, and each of the conv's 9
+        taps mixes channels at one position, so the two commute: the taps run as 1x1 convs on the
+        small map (C -> 9h), then each tap's map is resized by matrices `Ry_i . M . Rx_j^T` that
+        also shift it by the tap's offset (zero rows play the conv's zero padding).  For a
+        C x 7 x 7 map resized to 32 x 32 that is ~20x fewer operations, with the same weights and
+        the same result up to float rounding; a map larger than the grid goes the direct way.
+        """
+        (rows, cols), size = x.shape[-2:], self.size
+        if rows * cols >= size[0] * size[1]:
+            return self.conv_in(F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+        weight = self.conv_in.weight  # [h, C, 3, 3]
+        hidden, channels = weight.shape[:2]
+        taps = F.conv2d(x, weight.permute(2, 3, 0, 1).reshape(9 * hidden, channels, 1, 1))
+        taps = taps.unflatten(1, (3, 3, hidden))  # [N, 3 (dy), 3 (dx), h, rows, cols]
+        ry, rx = (
+            _shifted_resize(n, m, x.dtype, x.device) for n, m in ((rows, size[0]), (cols, size[1]))
+        )
+        out = torch.einsum("iya,jxb,nijhab->nhyx", ry, rx, taps)
+        return out + self.conv_in.bias[:, None, None]
+
+
+def _shifted_resize(n: int, m: int, dtype, device) -> torch.Tensor:
+    """`[3, m, n]`: 1-D bilinear resizing n -> m (as F.interpolate, align_corners=False), read at
+    offsets -1, 0, +1 with zeros outside: the rows a 3-tap conv sees of the resized signal."""
+    eye = torch.eye(n, dtype=dtype, device=device)[:, None, :]
+    resize = F.interpolate(eye, size=m, mode="linear", align_corners=False)[:, 0, :].T  # [m, n]
+    padded = F.pad(resize, (0, 0, 1, 1))
+    return torch.stack([padded[i : i + m] for i in range(3)])
 
 
 class CompactUNet(ModelMixin, ConfigMixin):
