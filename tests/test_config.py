@@ -8,14 +8,8 @@ import sys
 import pytest
 import yaml
 
-from pipeline.config import (
-    ConfigError,
-    load_config,
-    redact_uri,
-    redact_url,
-    validate_config,
-    with_credentials,
-)
+from pipeline.config import ConfigError, load_config, validate_config, with_credentials
+from storage_specs.provenance import redact_uri, redact_url
 from tests.conftest import snakemake
 
 GOOD = {

@@ -22,9 +22,9 @@ import s3fs
 import zarr
 
 from pipeline.cli import main as cli_main
-from pipeline.config import public_config, redact_url
+from pipeline.config import public_config
 from pipeline.sources import read_items
-from storage_specs.provenance import provenance
+from storage_specs.provenance import provenance, redact_url
 from storage_specs.validate import validate_store
 from tests.conftest import SMALL, make_config, snakemake, store_objects, write_config
 from tests.s3server import ACCESS_KEY, SECRET_KEY

@@ -121,6 +121,30 @@ def test_epoch_batches_split_ranks_and_resume_anywhere(n, batch, world):
     assert stream(0) != list(EpochBatches(n, batch, world, 0, 4, Position(), 40))  # seeded
 
 
+# ---------------------------------------------------------------------------- the models
+
+
+@pytest.mark.parametrize(("channels", "grid", "size"), [
+    (192, (7, 7), (32, 32)), (1024, (9, 9), (32, 32)), (16, (9, 12), (32, 40)),
+    (64, (40, 40), (32, 32)),
+])  # fmt: skip
+def test_hint_block_is_featinvs_resize_then_convs(channels, grid, size):
+    """FeatInv's order (resize, conv3x3 C->h, SiLU, conv3x3 h->h, SiLU, zero conv), written out
+    with torch ops, equals the block (which runs conv_in on the small map when that is cheaper),
+    and the zero-initialised last conv makes the residual exactly 0 at the start."""
+    import torch.nn.functional as F
+
+    from training.models import FeatureHint
+
+    hint = FeatureHint(channels, 32, size, hidden=48)
+    features = torch.randn(3, channels, *grid, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(hint(features), torch.zeros(3, 32, *size))
+    torch.nn.init.normal_(hint.conv_out.weight, std=0.1)
+    x = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+    x = F.silu(hint.conv_mid(F.silu(hint.conv_in(x))))
+    torch.testing.assert_close(hint(features), hint.conv_out(x), rtol=1e-4, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------- the loop
 
 
