@@ -12,6 +12,9 @@ is written (all inside the dataset's `__getitem__`, one image at a time, `num_wo
 "batched online" is the stronger variant a careful user would write (decode and augmentation in
 a persistent DataLoader worker, one batched backbone/VAE forward per step).
 
+First, the hint block's resized first conv alone: `FeatureHint.resized_conv_in` (the conv's taps
+on the small map, then resized) over FeatInv's order (resize, then conv), same weights.
+
 Subject and baseline alternate, repeat by repeat, in one process; reported are the median
 per-repeat ratios of steps/s (goal: >= 3x in compact mode on this machine), and the data-wait
 fraction of the subject on the local store and on the same store served by moto's S3 server on
@@ -171,6 +174,27 @@ def time_online(store: str, files: list[Path], target: str, steps: int, batch: i
     raise AssertionError("unreachable")
 
 
+def time_hint(channels: int, grid: int, batch: int, repeats: int = 10) -> float:
+    """The hint block's first conv on the resized map, forward and backward: FeatInv's order
+    (resize, then conv) over `FeatureHint.resized_conv_in` (taps on the small map); the ratio."""
+    from training.models import FeatureHint
+
+    hint = FeatureHint(channels, 32, (32, 32), hidden=64)
+    x = torch.randn(batch, channels, grid, grid)
+
+    def direct():
+        return hint.conv_in(F.interpolate(x, size=(32, 32), mode="bilinear"))
+
+    seconds = {}
+    for name, fn in (("direct", direct), ("taps", lambda: hint.resized_conv_in(x))):
+        fn().sum().backward()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn().sum().backward()
+        seconds[name] = time.perf_counter() - start
+    return seconds["direct"] / seconds["taps"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=96)
@@ -184,6 +208,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(2)
+    for channels, grid in ((192, 7), (768, 7), (1280, 7), (384, 14)):
+        ratio = time_hint(channels, grid, args.batch_size)
+        print(f"hint conv_in {channels}x{grid}x{grid} -> 32x32, fwd+bwd: taps {ratio:.1f}x "
+              "faster than resize-then-conv")  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         images = make_images(tmp, args.images)
