@@ -52,7 +52,8 @@ class Trainee:
         return self
 
 
-def _reason(exc: Exception) -> str:
+def first_line(exc: Exception) -> str:
+    """An exception as one line for a user (library errors can run to pages)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -71,7 +72,7 @@ def load_featinv_base(pretrained: str, revision: str | None, prompt: str):
         text_encoder = CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **kwargs)
     except Exception as exc:
         raise ModelLoadError(
-            f"cannot load training.featinv.pretrained '{pretrained}': {_reason(exc)} "
+            f"cannot load training.featinv.pretrained '{pretrained}': {first_line(exc)} "
             "(a hub id needs network; or give a local folder saved with save_pretrained)"
         ) from None
     with torch.no_grad():

@@ -18,7 +18,7 @@ from torchvision.utils import make_grid
 from sampling.sampler import make_scheduler, sample, to_images
 from storage_specs.datasets import PairDataset
 from training.data import TrainingData
-from training.denoisers import Trainee
+from training.denoisers import Trainee, first_line
 
 
 def load_store_vae(vae: dict, device: torch.device):
@@ -29,7 +29,7 @@ def load_store_vae(vae: dict, device: torch.device):
     try:
         model = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae.get("subfolder"))
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        reason = first_line(exc)
         warnings.warn(f"previews off: cannot load the store's VAE '{vae['source']}': {reason}",
                       stacklevel=2)  # fmt: skip
         return None
