@@ -20,6 +20,10 @@ from storage_specs.provenance import redact_url
 SCHEMA_PATH = Path(str(resources.files("pipeline") / "config.schema.yaml"))
 
 
+# What a command that reads a finished store needs of the config (extraction needs the schema's).
+REQUIRED = {"train": ["store", "training"], "sample": ["store"]}
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line."""
 
@@ -52,17 +56,17 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
     """A copy of `config` with defaults filled, or ConfigError naming the first bad key/value.
 
     For `purpose="train"` only `store` and `training` are required and no backbone is looked at:
-    training reads the store alone (a config may be nothing but those two keys).
+    training reads the store alone (a config may be nothing but those two keys); `"sample"`
+    (sampling, evaluation, report, analyses) needs the store and a model to read.
     """
     config = copy.deepcopy(config)
     schema = load_schema()
-    if purpose == "train":
-        schema["required"] = ["store", "training"]
+    schema["required"] = REQUIRED.get(purpose, schema["required"])
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"{_where(error)}: {error.message}")
-    if purpose == "train":
+    if purpose in REQUIRED:
         return config
     _check_backbones(config["backbones"])
     _check_targets(config["targets"], {entry["name"] for entry in config["backbones"]})

@@ -11,6 +11,7 @@ import inspect
 
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from diffusers.utils.torch_utils import randn_tensor
 
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -38,6 +39,11 @@ def guided(denoiser, x, t, features, guidance: float, unconditional: dict) -> to
     return uncond + guidance * (cond - uncond)
 
 
+def seeded(seeds, device: torch.device | str = "cpu") -> list[torch.Generator]:
+    """One generator per image, seeded by its recorded seed."""
+    return [torch.Generator(device).manual_seed(int(seed)) for seed in seeds]
+
+
 @torch.no_grad()
 def sample(
     denoiser,
@@ -49,12 +55,15 @@ def sample(
     guidance: float = 1.0,
     unconditional: dict | None = None,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """One x0 per feature map (in the model's space: latents or pixels in [-1, 1])."""
+    """One x0 per feature map (in the model's space: latents or pixels in [-1, 1]).
+
+    With a list of generators (one per map, e.g. `seeded(seeds)`), each image depends on its own
+    seed alone, not on what else is in the batch."""
     device = features.device
     scheduler.set_timesteps(steps, device=device)
-    x = torch.randn((features.shape[0], *shape), generator=generator, device=device)
+    x = randn_tensor((features.shape[0], *shape), generator=generator, device=device)
     x = x * scheduler.init_noise_sigma
     extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     unconditional = unconditional or {"keep_hint": 0}

@@ -102,7 +102,7 @@ def open_training_data(url: str, spec: dict) -> TrainingData:
         "n_samples": store.n_samples,
         "features": {"path": features.path, **_attrs(features, FEATURE_ATTRS)},
         "target": {"kind": kind, "paths": sorted(p for n, p in arrays.items() if n != "features"),
-                   **_attrs(target, TARGET_ATTRS)},
+                   "shape": list(target.shape[2:]), **_attrs(target, TARGET_ATTRS)},
         "views": views,
         "store_views": dict(store.root.attrs["views"]),
         "split": {"rule": RULE, **spec["heldout"], "n_train_samples": len(train_rows),

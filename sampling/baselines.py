@@ -1,0 +1,37 @@
+"""What a reconstruction must beat: the nearest training image by feature distance.
+
+The other baselines are models: the trained model with its condition dropped (`Reconstructor`,
+`condition=False`) and the up-convolutional decoder trained on the same cache (`mode: updecoder`).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from storage_specs.datasets import PairDataset
+
+
+def normalized(features: torch.Tensor, stats: dict) -> torch.Tensor:
+    """Flattened maps in the channel-normalised space the models see (dead channels centred)."""
+    mean = torch.as_tensor(stats["mean"], dtype=torch.float32)[:, None, None]
+    std = torch.as_tensor(stats["std"], dtype=torch.float32)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))[:, None, None]
+    return ((features.float() - mean) / std).flatten(1)
+
+
+def nearest_items(queries: torch.Tensor, pool: PairDataset, stats: dict, batch_size: int = 256,
+                  progress: bool = False) -> list[int]:  # fmt: skip
+    """The item of `pool` (training pairs, `features` array) nearest to each query map in
+    normalised L2, streaming the pool in batches: memory holds the queries and one batch."""
+    q = normalized(queries, stats)
+    best = torch.full((len(q),), float("inf"))
+    index = torch.zeros(len(q), dtype=torch.long)
+    starts = range(0, len(pool), batch_size)
+    for start in tqdm(starts, desc="nearest training pair", disable=not progress, unit="batch"):
+        ids = list(range(start, min(start + batch_size, len(pool))))
+        candidates = normalized(pool.read_batch(ids)["features"], stats)
+        distance, which = torch.cdist(q, candidates).min(dim=1)
+        closer = distance < best
+        best[closer], index[closer] = distance[closer], torch.as_tensor(ids)[which[closer]]
+    return index.tolist()
