@@ -26,19 +26,30 @@ def recorded_backbone(attrs: dict, device: str = "cpu") -> Backbone:
     return load_backbone(spec, seed=attrs["weights"].get("seed") or 0, device=device)
 
 
-def reextract(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
-    """Features `[N, C, y, x]` of uint8 images `[N, 3, H, W]`, each taken whole as its view
+def inputs(backbone: Backbone, images: torch.Tensor) -> torch.Tensor:
+    """The backbone's inputs of uint8 images `[N, 3, H, W]`, each taken whole as its view
     (resampled to the backbone's input size with its interpolation, then normalised)."""
-    inputs = []
+    out = []
     for image in images:
         pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()))
         whole = np.array([[0, 0, pil.width, pil.height, 0]], np.float32)
-        inputs.append(backbone.prepare(pil, whole))
+        out.append(backbone.prepare(pil, whole))
+    return torch.cat(out)
+
+
+def reextract(backbone: Backbone, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """Features `[N, C, y, x]` of uint8 images `[N, 3, H, W]` at the recorded layer."""
+    path = f"features/{backbone.name}/{backbone.spec.layers[0]}"
+    maps = []
+    for i in range(0, len(images), batch_size):
+        with torch.inference_mode():
+            maps.append(backbone.encode(inputs(backbone, images[i : i + batch_size]))[path])
+    return torch.cat(maps).float().cpu()
+
+
+def classify(backbone: Backbone, x: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """The whole network's logits of prepared inputs `x` (see `inputs`)."""
+    device = next(backbone.model.parameters()).device
     with torch.inference_mode():
-        outputs = backbone.encode(torch.cat(inputs))
-    return outputs[f"features/{backbone.name}/{backbone.spec.layers[0]}"].float().cpu()
-
-
-def flat_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity per sample between two batches of maps, over the flattened map."""
-    return torch.nn.functional.cosine_similarity(a.flatten(1).float(), b.flatten(1).float())
+        return torch.cat([backbone.model(x[i : i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(x), batch_size)])  # fmt: skip
