@@ -60,11 +60,21 @@ TRAINING = config.get("training")
 MODEL = f"{TRAINING['output_dir']}/{TRAINING['run']}" if TRAINING else None
 
 
+SAMPLING = config["sampling"]
+BASELINE = f"{MODEL}-updecoder" if TRAINING and SAMPLING["baselines"]["updecoder"] else None
+SAMPLES = f"{SAMPLING['output_dir']}/{SAMPLING['name'] or Path(SAMPLING['model'] or str(MODEL)).name}"
+
+
 rule all:
     default_target: True
     input:
         [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
-        [f"{MODEL}/featinv_training.json"] if TRAINING else [],
+        [f"{SAMPLES}/report.html"] if TRAINING or SAMPLING["model"] else [],
+
+
+onsuccess:
+    if Path(f"{SAMPLES}/report.html").exists():
+        print(f"featinv report: {Path(SAMPLES, 'report.html').resolve()}")
 
 
 rule extract_features:
@@ -171,3 +181,86 @@ else:
     rule train:
         shell:
             "echo 'featinv: the config has no training: section (see README)' >&2; exit 2"
+
+
+if BASELINE:
+
+    rule train_baseline:
+        """The up-convolutional decoder (Dosovitskiy & Brox) on the same cache: the deterministic
+        baseline of the evaluation, trained by the same trainer (`training.updecoder`)."""
+        input:
+            [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+            config=CONFIG_JSON,
+        output:
+            f"{BASELINE}/featinv_training.json",
+        threads: TRAINING["threads"]
+        resources:
+            gpu=TRAINING["gpus"],
+            mem_mb=TRAINING["mem_mb"],
+            runtime=TRAINING["runtime_min"],
+        shell:
+            "{FEATINV} train {input.config} --baseline updecoder"
+
+
+def trained_models(wildcards):
+    """The model (trained here unless sampling.model names one) and the baseline decoder."""
+    models = [] if SAMPLING["model"] else [f"{MODEL}/featinv_training.json"]
+    return models + ([f"{BASELINE}/featinv_training.json"] if BASELINE else [])
+
+
+rule sample:
+    """Samples of the held-out maps (or sampling.keys) by the model and its baselines; the store
+    beside the marker is no output, so a failed or killed run resumes where it stopped."""
+    input:
+        trained_models,
+        [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+        config=CONFIG_JSON,
+    output:
+        f"{SAMPLES}/sampled.json",
+    resources:
+        gpu=1 if TRAINING and TRAINING["gpus"] else 0,
+    shell:
+        "{FEATINV} sample {input.config} --out {output}"
+
+
+rule evaluate:
+    """Re-extraction with the recorded backbone; the one job after extraction that runs it."""
+    input:
+        f"{SAMPLES}/sampled.json",
+        config=CONFIG_JSON,
+    output:
+        f"{SAMPLES}/evaluation.json",
+    shell:
+        "{FEATINV} evaluate {input.config}"
+
+
+rule steer:
+    input:
+        trained_models,
+        config=CONFIG_JSON,
+    output:
+        f"{SAMPLES}/analyses/steering/manifest.json",
+    shell:
+        "{FEATINV} steer {input.config}"
+
+
+rule composite:
+    input:
+        trained_models,
+        config=CONFIG_JSON,
+    output:
+        f"{SAMPLES}/analyses/composite/manifest.json",
+    shell:
+        "{FEATINV} composite {input.config}"
+
+
+rule report:
+    input:
+        f"{SAMPLES}/evaluation.json",
+        f"{SAMPLES}/analyses/steering/manifest.json",
+        f"{SAMPLES}/analyses/composite/manifest.json",
+        config=CONFIG_JSON,
+    output:
+        f"{SAMPLES}/report.html",
+    shell:
+        "{FEATINV} report {input.config} --out {output}"

@@ -106,19 +106,64 @@ def cmd_finalize(args) -> None:
 
 
 def cmd_validate(args) -> None:
+    from storage_specs.samples import is_samples_store, validate_samples
     from storage_specs.validate import lossy_errors, validate_store
 
     _check_url("store", args.store)
-    problems = validate_store(args.store, check_data=not args.metadata_only, progress=True)
+    samples = is_samples_store(args.store)
+    if samples:
+        problems = validate_samples(args.store)
+    else:
+        problems = validate_store(args.store, check_data=not args.metadata_only, progress=True)
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
     if problems:
         sys.exit(1)
-    for path, e in lossy_errors(args.store).items():
+    for path, e in ({} if samples else lossy_errors(args.store)).items():
         print(f"{path}: lossy, measured relative L2 error max {e['rel_l2_max']:.3g} "
               f"(mean {e['rel_l2_mean']:.3g}) on {len(e['rows'])} stored exact samples; "
               f"bound {e['limit']:.3g}")  # fmt: skip
     print(f"{args.store}: valid")
+
+
+def cmd_sample(args) -> None:
+    from sampling.sample import sample_run
+
+    out = sample_run(_load_config(args.config, purpose="sample"))
+    if args.out:
+        _write_json_atomic(args.out, {"samples": str(out / "samples.zarr")})
+    print(f"samples: {out / 'samples.zarr'} (PNG files in {out / 'png'})")
+
+
+def cmd_evaluate(args) -> None:
+    from sampling.evaluate import evaluate_run, summary_lines
+
+    out = evaluate_run(_load_config(args.config, purpose="sample"))
+    print("\n".join(summary_lines(out / "evaluation.json")))
+
+
+def cmd_report(args) -> None:
+    from sampling.report import build_report
+    from sampling.sample import output_folder
+
+    config = _load_config(args.config, purpose="sample")
+    runs = [Path(run) for run in args.runs] or [output_folder(config)]
+    path = build_report(runs, Path(args.out) if args.out else runs[0] / "report.html")
+    print(f"report: {path.resolve()}")
+
+
+def cmd_steer(args) -> None:
+    from sampling.analyses import steer_run
+
+    out = steer_run(_load_config(args.config, purpose="sample"))
+    print(f"steering grids: {out}")
+
+
+def cmd_composite(args) -> None:
+    from sampling.analyses import composite_run
+
+    out = composite_run(_load_config(args.config, purpose="sample"))
+    print(f"composite-feature grids: {out}")
 
 
 def cmd_info(args) -> None:
@@ -204,6 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "fit the feature-conditioned diffusion model from a store")
     p.add_argument("config", help="a config with `store` and `training:` (see README)")
     p.add_argument("--store", help="train on this store instead of the config's")
+    for name, fn, what in (
+        ("sample", cmd_sample, "sample images from stored feature maps (config `sampling:`)"),
+        ("evaluate", cmd_evaluate, "re-extract and score the samples against the originals"),
+        ("steer", cmd_steer, "concept steering grids (config `analyses.steering`)"),
+        ("composite", cmd_composite, "composite-feature grids (config `analyses.composite`)"),
+    ):
+        p = add(name, fn, what)
+        p.add_argument("config", help="a config with `store` and a trained model (see README)")
+        if name == "sample":
+            p.add_argument("--out", help="write a marker JSON here when done (Snakemake)")
+    p = add("report", cmd_report, "one HTML page: samples, metrics, plots, analyses")
+    p.add_argument("config")
+    p.add_argument("runs", nargs="*", help="sample folders to report on (default: the config's)")
+    p.add_argument("--out", help="the HTML file (default: report.html in the first run's folder)")
     p = add("info", cmd_info, "print a store's summary")
     p.add_argument("store")
     p.add_argument("--no-classify", dest="classify", action="store_false")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import time
 from pathlib import Path
 
@@ -205,9 +206,26 @@ def _sweep(config: dict, samples: SamplesStore, stored, backbone, device, progre
 
 
 def _write(out: Path, result: dict, table: list[dict]) -> None:
-    (out / "evaluation.json").write_text(json.dumps(result, indent=1))
+    """per_sample.csv, then evaluation.json whole (its presence means the evaluation is)."""
     columns = ["key", "row", "view", "method", "sample", *PER_SAMPLE]
     with open(out / "per_sample.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(table)
+    tmp = out / ".evaluation.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out / "evaluation.json")
+
+
+def summary_lines(path: Path) -> list[str]:
+    """The evaluation in a few lines for a terminal: each method's main numbers."""
+    result = json.loads(Path(path).read_text())
+    lines = [f"evaluation of {result['model']['path']} on {result['n_entries']} "
+             f"{result['backbone']}/{result['layer']} maps: {path}"]  # fmt: skip
+    for method, scores in result["methods"].items():
+        shown = [f"{name} {scores[name]['mean']:.3f}" for name in PER_SAMPLE if name in scores]
+        shown.append(f"frechet_backbone {scores['frechet_backbone']:.1f}")
+        lines.append(f"  {method:14s} " + ", ".join(shown))
+    reasons = dict.fromkeys(result["unavailable"].values())  # top1 and top5 share theirs
+    lines += [f"  unavailable: {reason}" for reason in reasons]
+    return lines

@@ -126,6 +126,13 @@ class SamplesStore:
         return self.root["seeds"][:]
 
 
+def is_samples_store(url: str) -> bool:
+    try:
+        return open_root(url, consolidated=False).attrs.get("featinv_spec") == SAMPLES_SPEC
+    except StoreError:
+        return False
+
+
 def validate_samples(url: str) -> list[str]:
     """Every problem of a samples store: spec, shapes, unfinished entries, checksums."""
     try:
