@@ -183,10 +183,19 @@ def cmd_export_webdataset(args) -> None:
     print(f"wrote {len(tars)} tar shard(s): {tars[0]} ...")
 
 
+def baseline_spec(spec: dict) -> dict:
+    """The `training:` section of the up-convolutional baseline beside a run: same data, split,
+    seed and loop; its own mode, folder and step count."""
+    steps = spec["updecoder"]["steps"] or spec["steps"]
+    return {**spec, "mode": "updecoder", "run": f"{spec['run']}-updecoder", "steps": steps}
+
+
 def cmd_train(args) -> None:
     from training.train import train
 
     config = _load_config(args.config, purpose="train")
+    if args.baseline:
+        config["training"] = baseline_spec(config["training"])
     if args.store:
         _check_url("--store", args.store)
         config["store"] = args.store
@@ -249,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("train", cmd_train, "fit the feature-conditioned diffusion model from a store")
     p.add_argument("config", help="a config with `store` and `training:` (see README)")
     p.add_argument("--store", help="train on this store instead of the config's")
+    p.add_argument("--baseline", choices=["updecoder"],
+                   help="train the evaluation's baseline into <run>-updecoder instead")  # fmt: skip
     for name, fn, what in (
         ("sample", cmd_sample, "sample images from stored feature maps (config `sampling:`)"),
         ("evaluate", cmd_evaluate, "re-extract and score the samples against the originals"),

@@ -182,22 +182,28 @@ def _rows(samples: SamplesStore, entries, method: str, n: int, scores: dict) -> 
 
 
 def _sweep(config: dict, samples: SamplesStore, stored, backbone, device, progress) -> list[dict]:
-    """The model's cosine and speed per (scheduler, steps) of `evaluation.sweep`, on view 0 of
-    the entries (or the first evaluated view), one sample each, the store's guidance."""
+    """`steps_sweep` of `evaluation.sweep` on view 0 of the entries (or the first evaluated view),
+    one sample each, with the samples' guidance and eta."""
     sweep = config["evaluation"]["sweep"]
     if not sweep["steps"]:
         return []
-    model = Reconstructor.load(model_folder(config), device)
     spec = samples.attrs["sampling"]
-    v = len(samples.views)
-    maps = stored[::v]
     seeds = [image_seed(spec["seed"], key, samples.views[0], 0) for key in samples.keys]
     points = [(s, k) for s in sweep["schedulers"] for k in sweep["steps"]]
+    model = Reconstructor.load(model_folder(config), device)
+    maps = stored[:: len(samples.views)]
+    return steps_sweep(model, backbone, maps, seeds, points, spec["guidance"], spec["eta"],
+                       progress)  # fmt: skip
+
+
+def steps_sweep(model: Reconstructor, backbone, maps: torch.Tensor, seeds, points, guidance: float,
+                eta: float = 0.0, progress: bool = False) -> list[dict]:  # fmt: skip
+    """Per (scheduler, steps): images/s of sampling alone and the feature cosine it reaches."""
     results = []
     for scheduler, steps in tqdm(points, desc="steps sweep", disable=not progress):
         start = time.perf_counter()
-        images = model.images(maps, seeds, scheduler=scheduler, steps=steps,
-                              guidance=spec["guidance"], eta=spec["eta"])  # fmt: skip
+        images = model.images(maps, seeds, scheduler=scheduler, steps=steps, guidance=guidance,
+                              eta=eta)  # fmt: skip
         seconds = time.perf_counter() - start
         cosine = metrics.flat_cosine(reextract(backbone, images), maps)
         results.append({"scheduler": scheduler, "steps": steps, "cosine": cosine.mean().item(),
