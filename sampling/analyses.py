@@ -26,7 +26,7 @@ from pipeline.config import ConfigError
 from sampling.metrics import flat_cosine
 from sampling.reconstruct import Reconstructor
 from sampling.reextract import recorded_backbone, reextract
-from sampling.sample import _check_store, _resized, image_seed, model_folder, output_folder
+from sampling.sample import check_store, image_seed, model_folder, output_folder, resized
 from storage_specs.datasets import PairDataset
 from storage_specs.reader import FeatureStore, open_dataset
 from training.data import TrainingData, open_training_data
@@ -130,7 +130,7 @@ def open_analysis(config: dict, device: str | None = None) -> Analysis:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Reconstructor.load(model_folder(config), device)
     data = open_training_data(config["store"], model.record["training"])
-    _check_store(data, model.record)
+    check_store(data, model.record)
     root = FeatureStore(data.url).root
     view, count = config["analyses"]["view"], root.attrs["views"]["count"]
     if view >= count:
@@ -494,7 +494,7 @@ def _cosines(backbone, samples: list[torch.Tensor], grid: Grid) -> dict:
 def _with_targets(targets: list[torch.Tensor], samples: list[torch.Tensor]) -> torch.Tensor:
     """`[rows, columns, 3, H, W]`: the target columns (resized to the samples), then samples."""
     size = samples[0].shape[-2:]
-    return torch.stack([_resized(t, size) for t in targets] + samples, dim=1)
+    return torch.stack([resized(t, size) for t in targets] + samples, dim=1)
 
 
 def _save_grid(path: Path, cells: torch.Tensor) -> str:

@@ -10,14 +10,14 @@ import torch
 from tqdm import tqdm
 
 from storage_specs.datasets import PairDataset
+from training.models import FeatureNorm
 
 
 def normalized(features: torch.Tensor, stats: dict) -> torch.Tensor:
-    """Flattened maps in the channel-normalised space the models see (dead channels centred)."""
-    mean = torch.as_tensor(stats["mean"], dtype=torch.float32)[:, None, None]
-    std = torch.as_tensor(stats["std"], dtype=torch.float32)
-    std = torch.where(std > 1e-6, std, torch.ones_like(std))[:, None, None]
-    return ((features.float() - mean) / std).flatten(1)
+    """Flattened maps in the channel-normalised space the models see (the trainer's rule)."""
+    norm = FeatureNorm(len(stats["mean"]))
+    norm.set_stats(stats["mean"], stats["std"])
+    return norm.normalize(features).flatten(1)
 
 
 def nearest_items(queries: torch.Tensor, pool: PairDataset, stats: dict, batch_size: int = 256,

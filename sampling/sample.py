@@ -59,7 +59,7 @@ def output_folder(config: dict) -> Path:
     return Path(spec["output_dir"]) / (spec["name"] or model_folder(config).name)
 
 
-def _check_store(data: TrainingData, record: dict) -> None:
+def check_store(data: TrainingData, record: dict) -> None:
     """The store must hold the features the model was trained on (it may have moved)."""
     trained, here = record["store"]["features"], data.record["features"]
     for key in ("path", "weights", "preprocessing"):
@@ -91,7 +91,7 @@ def sample_run(config: dict, device: str | None = None, progress: bool = True) -
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = Reconstructor.load(model_folder(config), device)
     data = open_training_data(config["store"], model.record["training"])
-    _check_store(data, model.record)
+    check_store(data, model.record)
     decoder = baseline_folder(config)
     decoder = Reconstructor.load(decoder, device) if decoder else None
     keys = FeatureStore(data.url).root["samples/key"][:]
@@ -196,7 +196,7 @@ def _sample_entries(entries, source: PairDataset, model: Reconstructor, decoder,
         pairs = [(int(r), int(w)) for r, w in zip(batch["row"], batch["view"], strict=True)]
         made["nearest"] = model.target_images(neighbours(pairs))
     size = originals.shape[-2:]
-    grouped = {m: _resized(x, size).reshape(len(entries), v, -1, 3, *size).numpy()
+    grouped = {m: resized(x, size).reshape(len(entries), v, -1, 3, *size).numpy()
                for m, x in made.items()}  # fmt: skip
     originals = originals.reshape(len(entries), v, 3, *size).numpy()
     seeds = np.asarray(seeds, dtype=np.int64).reshape(len(entries), v, n)
@@ -204,12 +204,13 @@ def _sample_entries(entries, source: PairDataset, model: Reconstructor, decoder,
         yield originals[k], {m: x[k] for m, x in grouped.items()}, seeds[k]
 
 
-def _resized(images: torch.Tensor, size) -> torch.Tensor:
+def resized(images: torch.Tensor, size) -> torch.Tensor:
+    """uint8 images at `size` (antialiased bilinear), untouched when already there."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    resized = torch.nn.functional.interpolate(images.float(), size=tuple(size), mode="bilinear",
-                                              antialias=True)  # fmt: skip
-    return resized.round().clamp(0, 255).to(torch.uint8)
+    out = torch.nn.functional.interpolate(images.float(), size=tuple(size), mode="bilinear",
+                                          antialias=True)  # fmt: skip
+    return out.round().clamp(0, 255).to(torch.uint8)
 
 
 def _write_pngs(folder: Path, key: str, views, original: np.ndarray, images: dict) -> None:
