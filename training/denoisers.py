@@ -1,10 +1,16 @@
-"""Assemble what a run trains, or what a trained folder holds, for either mode.
+"""Assemble what a run trains, or what a trained folder holds, for any mode.
 
 A `Trainee` is the trainable diffusers model (saved with `save_pretrained`), the noise schedule it
 is trained on, and how to turn it into a denoiser `(sample, timestep, features, keep_hint,
 keep_prompt) -> prediction`.  In compact mode the model is the denoiser; in FeatInv mode the
 ControlNet drives a frozen SD UNet with the fixed prompt's text embedding, encoded once here and
 never per step.
+
+In updecoder mode there is nothing to sample: `noise_scheduler` is None and x0 (in model space,
+as `TrainingData.to_model_space`) is `trainee.model(features)`, raw stored maps in:
+
+    trainee, record = load_trained("models/updecoder")
+    x0 = trainee.model(features)  # [N, C, H, W]: pixels in [-1, 1] or scaled latents
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from training.data import TrainingData
-from training.models import CompactUNet, FeatInvControlNet, FeatInvDenoiser
+from training.models import CompactUNet, FeatInvControlNet, FeatInvDenoiser, UpConvDecoder
 
 RECORD = "featinv_training.json"
 
@@ -29,9 +35,9 @@ class ModelLoadError(ValueError):
 @dataclass
 class Trainee:
     mode: str
-    model: torch.nn.Module  # the trainable part: CompactUNet or FeatInvControlNet
-    noise_scheduler: DDPMScheduler
-    unconditional: dict  # what the guidance's unconditional branch drops
+    model: torch.nn.Module  # the trainable part: CompactUNet, FeatInvControlNet or UpConvDecoder
+    noise_scheduler: DDPMScheduler | None  # None: deterministic, x0 = model(features)
+    unconditional: dict | None  # what the guidance's unconditional branch drops (None: no guidance)
     base: dict | None = None  # featinv: {pretrained, revision, prompt}
     unet: UNet2DConditionModel | None = None
     prompt_embeds: torch.Tensor | None = None
@@ -40,6 +46,8 @@ class Trainee:
     def denoiser(self, model: torch.nn.Module | None = None) -> torch.nn.Module:
         """The denoiser around `model` (default: self.model; pass the accelerate-wrapped one)."""
         model = self.model if model is None else model
+        if self.noise_scheduler is None:
+            raise TypeError(f"the {self.mode} model is no denoiser: its x0 is model(features)")
         if self.mode == "compact":
             return model
         return FeatInvDenoiser(model, self.unet, self.prompt_embeds, self.empty_embeds)
@@ -107,6 +115,13 @@ def new_trainee(spec: dict, data: TrainingData) -> Trainee:
     """A fresh model for `spec` (the config's `training:`) on `data`, seeded."""
     torch.manual_seed(spec["seed"])
     channels = data.feature_shape[0]
+    if spec["mode"] == "updecoder":
+        widths = spec["updecoder"]
+        model = UpConvDecoder.for_shapes(
+            data.feature_shape, data.target_shape, widths["conv_channels"], widths["up_channels"]
+        )
+        model.norm.set_stats(data.channel_stats["mean"], data.channel_stats["std"])
+        return Trainee("updecoder", model, None, None)
     if spec["mode"] == "compact":
         model = CompactUNet(_compact_unet_config(spec, data), channels,
                             spec["compact"]["hint_channels"])  # fmt: skip
@@ -146,6 +161,9 @@ def load_trained(folder: str | Path) -> tuple[Trainee, dict]:
     """A trained model folder as a Trainee (eval mode), and its training record."""
     folder = Path(folder)
     record = json.loads((folder / RECORD).read_text())
+    if record["mode"] == "updecoder":
+        model = UpConvDecoder.from_pretrained(folder).eval()
+        return Trainee("updecoder", model, None, None), record
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     if record["mode"] == "compact":
         model = CompactUNet.from_pretrained(folder).eval()

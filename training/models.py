@@ -1,9 +1,10 @@
-"""The feature-conditioned diffusion models, diffusers models (`from_pretrained`/`save_pretrained`).
+"""The feature-conditioned models, diffusers models (`from_pretrained`/`save_pretrained`).
 
-Both modes condition through FeatInv's hint block (`FeatureHint`): the feature map, normalised with
-its channel statistics, is resized bilinearly to the model's grid, then conv3x3 C->h, SiLU,
-conv3x3 h->h, SiLU, and a zero-initialised conv3x3 h->width whose output is added right after the
-model's input conv.  Zero init means training starts from the unconditional model exactly.
+Both diffusion modes condition through FeatInv's hint block (`FeatureHint`): the feature map,
+normalised with its channel statistics (`FeatureNorm`), is resized bilinearly to the model's grid,
+then conv3x3 C->h, SiLU, conv3x3 h->h, SiLU, and a zero-initialised conv3x3 h->width whose output
+is added right after the model's input conv.  Zero init means training starts from the
+unconditional model exactly.
 
 - `CompactUNet`: a small diffusers `UNet2DModel` trained from scratch (pixels or latents) with the
   hint added after its `conv_in`.  For people without a text-to-image model; the demo's model.
@@ -12,9 +13,17 @@ model's input conv.  Zero init means training starts from the unconditional mode
   make the rest of the denoiser (`FeatInvDenoiser`).
 
 Dropping the condition (classifier-free guidance) zeroes the normalised map: `keep_hint` per sample.
+
+The baseline, `UpConvDecoder`, is no diffusion model: Dosovitskiy & Brox's deterministic decoder
+("Inverting visual representations with convolutional networks", CVPR 2016), the same normalised
+map through 3x3 convs and stride-2 up-convolutions to the target grid; `model(features)` is x0.
+Trained by the same loop on the same pairs, so the two kinds are compared on the same keys.
 """
 
 from __future__ import annotations
+
+import math
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -24,19 +33,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
-class FeatureHint(nn.Module):
-    """FeatInv's hint block, with the feature normalisation kept as buffers (saved with weights)."""
+class FeatureNorm(nn.Module):
+    """Per-channel normalisation of stored feature maps, kept as buffers (saved with the weights),
+    so a saved model takes raw stored maps."""
 
-    def __init__(self, in_channels: int, out_channels: int, size: tuple[int, int], hidden: int):
+    def __init__(self, channels: int):
         super().__init__()
-        self.size = tuple(size)
-        self.register_buffer("mean", torch.zeros(in_channels))
-        self.register_buffer("std", torch.ones(in_channels))
-        self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
-        self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
-        self.conv_out = nn.Conv2d(hidden, out_channels, 3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("std", torch.ones(channels))
 
     def set_stats(self, mean, std) -> None:
         """Normalise with the store's `channel_stats`; dead channels (std 0) are only centred."""
@@ -45,11 +49,28 @@ class FeatureHint(nn.Module):
         self.std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def normalize(self, features: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Stored features -> the block's input; rows with `keep` False become zeros (dropped)."""
+        """Stored features -> normalised float32; rows with `keep` False become zeros (dropped)."""
         x = (features.float() - self.mean[:, None, None]) / self.std[:, None, None]
         if keep is not None:
             x = x * keep.to(x.dtype)[:, None, None, None]
-        return x.to(self.conv_in.weight.dtype)
+        return x
+
+
+class FeatureHint(FeatureNorm):
+    """FeatInv's hint block, normalising the map as `FeatureNorm` does."""
+
+    def __init__(self, in_channels: int, out_channels: int, size: tuple[int, int], hidden: int):
+        super().__init__(in_channels)
+        self.size = tuple(size)
+        self.conv_in = nn.Conv2d(in_channels, hidden, 3, padding=1)
+        self.conv_mid = nn.Conv2d(hidden, hidden, 3, padding=1)
+        self.conv_out = nn.Conv2d(hidden, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def normalize(self, features: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored features -> the block's input (in the convs' dtype)."""
+        return super().normalize(features, keep).to(self.conv_in.weight.dtype)
 
     def forward(self, normalized: torch.Tensor) -> torch.Tensor:
         x = F.silu(self.resized_conv_in(normalized))
@@ -178,3 +199,49 @@ class FeatInvDenoiser(nn.Module):
             sample, timestep, encoder_hidden_states=text,
             down_block_additional_residuals=down, mid_block_additional_residual=mid,
         ).sample  # fmt: skip
+
+
+class UpConvDecoder(ModelMixin, ConfigMixin):
+    """Dosovitskiy & Brox's up-convolutional decoder: `model(features)` is x0 in model space.
+
+    The normalised map goes through `conv_channels` 3x3 convs at its own resolution, then one
+    ConvTranspose2d(4, stride 2, pad 1) per `up_channels` entry (each doubling the grid), all with
+    LeakyReLU(0.2), a bilinear resize to `sample_size` when the grid is not there exactly, and a
+    3x3 conv to `out_channels` (pixels in [-1, 1] or scaled latents).
+    """
+
+    @register_to_config
+    def __init__(self, feature_channels: int, out_channels: int, sample_size: tuple[int, int],
+                 conv_channels: tuple[int, ...] = (128, 128, 128),
+                 up_channels: tuple[int, ...] = (128, 64, 32)):  # fmt: skip
+        super().__init__()
+        self.size = tuple(sample_size)
+        self.norm = FeatureNorm(feature_channels)
+        widths = [feature_channels, *conv_channels]
+        self.convs = nn.ModuleList(nn.Conv2d(a, b, 3, padding=1) for a, b in pairwise(widths))
+        widths = [widths[-1], *up_channels]
+        self.ups = nn.ModuleList(
+            nn.ConvTranspose2d(a, b, 4, stride=2, padding=1) for a, b in pairwise(widths)
+        )
+        self.conv_out = nn.Conv2d(widths[-1], out_channels, 3, padding=1)
+
+    @classmethod
+    def for_shapes(cls, feature_shape: tuple[int, ...], target_shape: tuple[int, ...],
+                   conv_channels: list[int], up_channels: list[int]) -> UpConvDecoder:  # fmt: skip
+        """A decoder from `[C, y, x]` maps to `[C', H, W]` targets.  It doubles the grid as many
+        times as brings it nearest the target's (so the final resize scales by at most sqrt 2,
+        never runs the last stages at twice the target size); stage i is `up_channels[i]` wide,
+        the last width repeated when the ratio needs more stages than listed."""
+        (channels, *grid), (out_channels, *size) = feature_shape, target_shape
+        stages = max(0, *(round(math.log2(s / g)) for g, s in zip(grid, size, strict=True)))
+        widths = [up_channels[min(i, len(up_channels) - 1)] for i in range(stages)]
+        return cls(feature_channels=channels, out_channels=out_channels, sample_size=size,
+                   conv_channels=list(conv_channels), up_channels=widths)  # fmt: skip
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.norm.normalize(features).to(self.conv_out.weight.dtype)
+        for layer in (*self.convs, *self.ups):
+            x = F.leaky_relu(layer(x), 0.2)
+        if x.shape[-2:] != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return self.conv_out(x)

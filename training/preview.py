@@ -2,7 +2,8 @@
 
 Each row is one held-out sample (view 0, the evaluation view): its target as stored, then
 `preview.samples` samples from its feature map, with the same seeds at every step so the grids of
-a run can be compared.  Written as PNG files under `<run>/previews/` and to TensorBoard.
+a run can be compared (the updecoder's one prediction: it is deterministic).  Written as PNG
+files under `<run>/previews/` and to TensorBoard.
 """
 
 from __future__ import annotations
@@ -64,18 +65,29 @@ class Preview:
         mean = self.batch["mean"].to(device).float() * self.data.scaling_factor
         return to_images(mean, self.vae, self.data.scaling_factor).cpu()
 
-    def grid(self, model: torch.nn.Module) -> torch.Tensor:
-        """uint8 `[3, H, W]`: a row per held-out sample, target then samples."""
-        device = model.device
-        n, k = len(self.batch["key"]), self.settings["samples"]
-        features = self.batch["features"].to(device).repeat_interleave(k, dim=0)
+    @property
+    def samples(self) -> int:
+        """Images per row besides the target: one for a deterministic model."""
+        return 1 if self.trainee.noise_scheduler is None else self.settings["samples"]
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, features: torch.Tensor) -> torch.Tensor:
+        """x0 of each map: the updecoder's prediction, or a sample with the preview's seed."""
+        if self.trainee.noise_scheduler is None:
+            return model(features)
         noise = self.trainee.noise_scheduler.config
-        x0 = sample(
+        return sample(
             self.trainee.denoiser(model), make_scheduler("ddim", noise), features,
             self.data.target_shape, steps=self.settings["steps"],
             guidance=self.settings["guidance"], unconditional=self.trainee.unconditional,
-            generator=torch.Generator(device).manual_seed(self.seed),
+            generator=torch.Generator(features.device).manual_seed(self.seed),
         )  # fmt: skip
+
+    def grid(self, model: torch.nn.Module) -> torch.Tensor:
+        """uint8 `[3, H, W]`: a row per held-out sample, target then samples."""
+        device = model.device
+        n, k = len(self.batch["key"]), self.samples
+        x0 = self.predict(model, self.batch["features"].to(device).repeat_interleave(k, dim=0))
         images = to_images(x0, self.vae, self.data.scaling_factor).cpu()
         size = images.shape[-2:]
         targets = torch.nn.functional.interpolate(self.targets(device).float(), size)

@@ -3,8 +3,10 @@
 The loop reads top to bottom: pairs from the store (read ahead in worker processes), a latent
 sample or pixels as x0, noise at a random timestep, the denoiser's prediction of the noise (or of
 v) given the feature map (dropped for `condition_dropout` of the pairs), an MSE step.  The
-components it calls each own one job: `data` (which pairs, in which order, for which rank),
-`denoisers` (what is trained), `checkpoint` (exact resume), `preview` (held-out grids).
+updecoder baseline takes the same pairs and steps, its loss the MSE of its x0 (`batch_loss` picks
+the mode's loss once).  The components it calls each own one job: `data` (which pairs, in which
+order, for which rank), `denoisers` (what is trained), `checkpoint` (exact resume), `preview`
+(held-out grids).
 
 Every random draw of a step comes from a generator seeded by (seed, step, micro-batch, rank), so
 an interrupted and resumed run repeats the uninterrupted one bit for bit.  Runs unchanged under
@@ -18,6 +20,7 @@ import os
 import sys
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +36,22 @@ from storage_specs.provenance import provenance
 from training.checkpoint import Checkpoints
 from training.data import EpochBatches, TrainingData, open_training_data
 from training.denoisers import RECORD, Trainee, new_trainee
+from training.models import FeatureNorm
 from training.preview import Preview
 
 # Settings a resumed run must share with its checkpoints (the rest may change between runs).
 RESUME_SETTINGS = ("mode", "features", "target", "views", "heldout", "compact", "featinv",
-                   "prediction_type", "noise_schedule", "condition_dropout", "seed",
+                   "updecoder", "prediction_type", "noise_schedule", "condition_dropout", "seed",
                    "batch_size", "gradient_accumulation_steps")  # fmt: skip
-DEFAULT_LR = {"compact": 2e-4, "featinv": 1e-5}
+DEFAULT_LR = {"compact": 2e-4, "featinv": 1e-5, "updecoder": 1e-4}  # updecoder: Dosovitskiy & Brox
+
+
+def resume_settings(spec: dict) -> dict:
+    """What a resumed run must share with its checkpoints; the baseline's `updecoder.steps`, like
+    `steps`, may grow (`featinv train --baseline` continues the run)."""
+    settings = {key: spec[key] for key in RESUME_SETTINGS}
+    settings["updecoder"] = {k: v for k, v in spec["updecoder"].items() if k != "steps"}
+    return settings
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int, device) -> torch.Generator:
@@ -65,6 +77,21 @@ def diffusion_loss(denoiser, trainee: Trainee, data: TrainingData, batch: dict, 
         target = noise
     prediction = denoiser(x_t, t, batch["features"], keep_hint=keep, keep_prompt=keep)
     return F.mse_loss(prediction.float(), target.float())
+
+
+def reconstruction_loss(decoder, data: TrainingData, batch: dict,
+                        generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """The updecoder's loss: MSE of its x0 to the target's (no noise, timestep or dropout)."""
+    x0 = data.to_model_space(batch, generator)
+    return F.mse_loss(decoder(batch["features"]).float(), x0.float())
+
+
+def batch_loss(trainee: Trainee, model, data: TrainingData, spec: dict):
+    """The run's loss as `loss(batch, generator=...)`, around `model` (the accelerate-wrapped)."""
+    if trainee.noise_scheduler is None:
+        return partial(reconstruction_loss, model, data)
+    return partial(diffusion_loss, trainee.denoiser(model), trainee, data,
+                   dropout=spec["condition_dropout"])  # fmt: skip
 
 
 class StepMeter:
@@ -183,7 +210,7 @@ def train(config: dict, progress: bool = True) -> Path:
     unwrapped = accelerator.unwrap_model(model)
     ema = EMAModel(unwrapped.parameters(), decay=spec["ema"]["decay"]) if (
         spec["ema"]["enabled"]) else None  # fmt: skip
-    settings = {key: spec[key] for key in RESUME_SETTINGS}
+    settings = resume_settings(spec)
     checkpoints = Checkpoints(out / "checkpoints", spec["checkpoints_total_limit"], accelerator)
     step, start = checkpoints.resume(ema, settings)
 
@@ -191,7 +218,7 @@ def train(config: dict, progress: bool = True) -> Path:
     dataset = data.dataset()
     sampler = EpochBatches(len(dataset), spec["batch_size"], world, rank, spec["seed"], start,
                            count=max(0, spec["steps"] - step) * accum)  # fmt: skip
-    denoiser = trainee.denoiser(model)
+    loss_of = batch_loss(trainee, model, data, spec)
     preview = Preview(data, trainee, spec, out) if accelerator.is_main_process else None
     accelerator.init_trackers("featinv", config=_flat("", spec))
     bar = tqdm(total=spec["steps"], initial=step, unit="step", desc=f"train {spec['run']}",
@@ -204,8 +231,7 @@ def train(config: dict, progress: bool = True) -> Path:
                  for k, v in batch.items()}  # fmt: skip
         with accelerator.accumulate(model), accelerator.autocast():
             generator = step_generator(spec["seed"], step, micro % accum, rank, device)
-            loss = diffusion_loss(denoiser, trainee, data, batch, spec["condition_dropout"],
-                                  generator)  # fmt: skip
+            loss = loss_of(batch, generator=generator)
             accelerator.backward(loss)
             if accelerator.sync_gradients and spec["max_grad_norm"]:
                 accelerator.clip_grad_norm_(model.parameters(), spec["max_grad_norm"])
@@ -243,20 +269,21 @@ def train(config: dict, progress: bool = True) -> Path:
 
 def _save_final(accelerator, model, ema, trainee: Trainee, data: TrainingData, spec: dict,
                 out: Path, run: dict) -> None:  # fmt: skip
-    """The model (EMA weights when kept) with `save_pretrained`, its noise schedule, and the
-    training record, written last: its presence means the folder is whole."""
+    """The model (EMA weights when kept) with `save_pretrained`, its noise schedule (if it has
+    one), and the training record, written last: its presence means the folder is whole."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     with ema_weights(ema, model):
         model.save_pretrained(out, safe_serialization=True)
-    trainee.noise_scheduler.save_pretrained(out / "scheduler")
+    if trainee.noise_scheduler is not None:
+        trainee.noise_scheduler.save_pretrained(out / "scheduler")
     _write_json_atomic(out / RECORD, training_record(trainee, data, spec, run))
 
 
 def training_record(trainee: Trainee, data: TrainingData, spec: dict, run: dict) -> dict:
     """What a sampler, an evaluation or a person needs to know about the model (SPEC-like)."""
-    schedule = trainee.noise_scheduler.config
+    schedule = trainee.noise_scheduler
     return {
         "featinv_training": 1,
         "mode": trainee.mode,
@@ -266,20 +293,10 @@ def training_record(trainee: Trainee, data: TrainingData, spec: dict, run: dict)
         "split": data.record["split"],
         "normalisation": {
             "kind": "per-channel (x - mean) / std, from the array's channel_stats",
-            "in_model": "hint.mean, hint.std buffers",
+            "in_model": _norm_buffers(trainee.model),
         },
-        "noise_schedule": {
-            k: schedule[k]
-            for k in (
-                "num_train_timesteps",
-                "beta_schedule",
-                "beta_start",
-                "beta_end",
-                "prediction_type",
-            )
-            if k in schedule
-        },
-        "prediction_type": schedule["prediction_type"],
+        "noise_schedule": None if schedule is None else _noise_record(schedule.config),
+        "prediction_type": "x0" if schedule is None else schedule.config["prediction_type"],
         "unconditional": trainee.unconditional,
         **run,  # steps, final_loss, world_size
         "seed": spec["seed"],
@@ -288,3 +305,14 @@ def training_record(trainee: Trainee, data: TrainingData, spec: dict, run: dict)
         "training": spec,
         "provenance": provenance({"store": data.url, "training": spec}),
     }
+
+
+def _noise_record(schedule: dict) -> dict:
+    keys = ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "prediction_type")
+    return {k: schedule[k] for k in keys if k in schedule}
+
+
+def _norm_buffers(model: torch.nn.Module) -> str:
+    """Where the model keeps its feature normalisation (state-dict names)."""
+    name = next(n for n, m in model.named_modules() if isinstance(m, FeatureNorm))
+    return f"{name}.mean, {name}.std buffers"
