@@ -3,6 +3,7 @@ with plain zarr and checked against independent computations."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -26,7 +27,11 @@ TRAINING = {"features": "features/vit_tiny_patch16_224/blocks.5", "target": "lat
             "steps": 3, "batch_size": 4, "num_workers": 0, "checkpoint_every": 2,
             "preview_every": 3, "heldout": {"fraction": 0.25}, "gpus": 0,
             "compact": {"block_out_channels": [16, 32], "norm_num_groups": 8,
-                        "hint_channels": 8}}  # fmt: skip
+                        "hint_channels": 8}, "updecoder": {"steps": 2}}  # fmt: skip
+# Then sampling, evaluation, analyses and the report, as briefly.
+AFTER = {"sampling": {"steps": 2, "n": 2}, "evaluation": {"sweep": {"schedulers": ["ddim"],
+         "steps": [2]}}, "analyses": {"steps": 2, "limit": 2, "keys": ["animals/chelsea",
+         "people/astronaut"]}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +43,9 @@ def run(small_dir, tmp_path_factory):
         {"name": "vae", "kind": "vae", "model": str(vae), "size": 32},
     ]
     training = {**TRAINING, "output_dir": str(tmp / "models"), "run": "e2e"}
+    after = {**AFTER, "sampling": {**AFTER["sampling"], "output_dir": str(tmp / "samples")}}
     config = make_config(tmp, small_dir, shard_size=3, views={"count": 2}, targets=targets,
-                         training=training)  # fmt: skip
+                         training=training, **after)  # fmt: skip
     result = snakemake(write_config(tmp, config), tmp, "--cores", "2", targets=TARGETS)
     assert result.returncode == 0, result.stderr[-3000:]
     return config, result, tmp
@@ -195,7 +201,8 @@ def test_summary_shows_cat_and_skips(run):
     assert "bytes on disk" in out
 
 
-def test_snakemake_all_ends_with_a_trained_model(run):
+def test_snakemake_all_trains_samples_evaluates_and_reports(run):
+    from storage_specs.samples import SamplesStore, validate_samples
     from training.denoisers import load_trained
 
     config, result, tmp = run
@@ -205,6 +212,19 @@ def test_snakemake_all_ends_with_a_trained_model(run):
     assert (tmp / "models/e2e/previews/step-0000003.png").is_file()  # decoded by the store's VAE
     assert f"trained model: {tmp / 'models/e2e'} (compact, 3 steps" in result.stdout
     assert trainee.model.hint.mean.shape == (192,)  # a ViT's token grid as the condition
+    assert load_trained(tmp / "models/e2e-updecoder")[1]["mode"] == "updecoder"
+    out = tmp / "samples/e2e"
+    assert validate_samples(str(out / "samples.zarr")) == []
+    samples = SamplesStore(str(out / "samples.zarr"))
+    assert samples.keys == ["animals/chelsea"]  # the one held-out key
+    assert list(samples.methods) == ["model", "unconditional", "updecoder", "nearest"]
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["backbone"] == "vit_tiny_patch16_224" and evaluation["layer"] == "blocks.5"
+    for kind in ("steering", "composite"):
+        assert (out / "analyses" / kind / "manifest.json").is_file()
+    report = out / "report.html"
+    assert "vit_tiny_patch16_224 / blocks.5" in report.read_text()
+    assert f"featinv report: {report.resolve()}" in result.stdout + result.stderr
 
 
 def test_rerun_of_finished_store_does_nothing(run):
