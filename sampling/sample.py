@@ -92,8 +92,7 @@ def sample_run(config: dict, device: str | None = None, progress: bool = True) -
     model = Reconstructor.load(model_folder(config), device)
     data = open_training_data(config["store"], model.record["training"])
     check_store(data, model.record)
-    decoder = baseline_folder(config)
-    decoder = Reconstructor.load(decoder, device) if decoder else None
+    decoder = _load_baseline(baseline_folder(config), device)
     keys = FeatureStore(data.url).root["samples/key"][:]
     source = PairDataset(data.url, data.arrays, rows=select_rows(data, spec, keys),
                          views=spec["views"])  # fmt: skip
@@ -102,7 +101,7 @@ def sample_run(config: dict, device: str | None = None, progress: bool = True) -
     root = create_samples_store(
         str(out / "samples.zarr"), rows=source.rows, keys=keys[source.rows],
         views=source.views, methods=methods, image_shape=_image_shape(model, source),
-        attrs=_attrs(config, model, decoder, data),
+        attrs=_attrs(config, model, data),
     )  # fmt: skip
     neighbours = _neighbours(data, source, progress) if "nearest" in methods else None
     todo = np.flatnonzero(~root["done"][:])
@@ -111,11 +110,20 @@ def sample_run(config: dict, device: str | None = None, progress: bool = True) -
         entries = todo[start : start + spec["batch_size"]]
         results = _sample_entries(entries, source, model, decoder, neighbours, spec)
         for i, result in zip(entries, results, strict=True):
-            write_entry(root, int(i), *result)
             _write_pngs(out / "png", str(root["keys"][int(i)]), source.views, *result[:2])
+            write_entry(root, int(i), *result)  # done last: a killed run redoes the entry
         bar.update(len(entries))
     bar.close()
     return out
+
+
+def _load_baseline(folder: Path | None, device: str) -> Reconstructor | None:
+    if folder is None:
+        return None
+    if not (folder / "featinv_training.json").is_file():
+        raise ValueError(f"no baseline decoder in '{folder}': run `featinv train CONFIG --baseline "
+                         "updecoder` (or set sampling.baselines.updecoder: false)")  # fmt: skip
+    return Reconstructor.load(folder, device)
 
 
 def _methods(spec: dict, decoder: Reconstructor | None) -> dict[str, dict]:
@@ -146,7 +154,7 @@ def _image_shape(model: Reconstructor, source: PairDataset) -> tuple[int, int, i
     return tuple(model.target_images(batch).shape[1:])
 
 
-def _attrs(config: dict, model: Reconstructor, decoder, data: TrainingData) -> dict:
+def _attrs(config: dict, model: Reconstructor, data: TrainingData) -> dict:
     spec = config["sampling"]
     record = model.record
     return {
