@@ -65,13 +65,14 @@ def sample(
     scheduler.set_timesteps(steps, device=device)
     x = randn_tensor((features.shape[0], *shape), generator=generator, device=device)
     x = x * scheduler.init_noise_sigma
-    extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+    accepted = inspect.signature(scheduler.step).parameters  # UniPC takes neither
+    extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
     unconditional = unconditional or {"keep_hint": 0}
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t)
         timestep = t.expand(x.shape[0]) if t.ndim == 0 else t
         pred = guided(denoiser, model_in, timestep, features, guidance, unconditional)
-        x = scheduler.step(pred, t, x, generator=generator, **extra).prev_sample
+        x = scheduler.step(pred, t, x, **extra).prev_sample
     return x
 
 

@@ -23,7 +23,7 @@ def sampling_config(store: str, model, out, **sampling) -> dict:
     spec = {"model": str(model), "output_dir": str(out), "steps": 8, "n": 2, "limit": 6,
             "baselines": {"updecoder": False}, **sampling}  # fmt: skip
     return validate_config({"store": store, "sampling": spec,
-                            "evaluation": {"sweep": {"schedulers": ["ddim", "dpm++"],
+                            "evaluation": {"sweep": {"schedulers": ["ddim", "dpm++", "unipc"],
                                                      "steps": [4, 8]}}}, "sample")  # fmt: skip
 
 
@@ -144,7 +144,7 @@ def test_evaluation_scores_the_model_against_its_baselines(demo_run, train_store
         assert name in result["unavailable"] or all(name in m for m in methods.values())
     assert all("\n" not in reason for reason in result["unavailable"].values())
     assert [(p["scheduler"], p["steps"]) for p in result["sweep"]] == [
-        ("ddim", 4), ("ddim", 8), ("dpm++", 4), ("dpm++", 8)]  # fmt: skip
+        (s, k) for s in ("ddim", "dpm++", "unipc") for k in (4, 8)]  # fmt: skip
     assert result["layer"] == "blocks.5" and 0 < result["depth"] < 1
     rows = (tmp_path / demo_run[0].name / "per_sample.csv").read_text().splitlines()
     n_entries = result["n_entries"]
