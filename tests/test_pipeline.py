@@ -202,6 +202,7 @@ def test_summary_shows_cat_and_skips(run):
 
 
 def test_snakemake_all_trains_samples_evaluates_and_reports(run):
+    from sampling.report import fmt
     from storage_specs.samples import SamplesStore, validate_samples
     from training.denoisers import load_trained
 
@@ -223,7 +224,16 @@ def test_snakemake_all_trains_samples_evaluates_and_reports(run):
     for kind in ("steering", "composite"):
         assert (out / "analyses" / kind / "manifest.json").is_file()
     report = out / "report.html"
-    assert "vit_tiny_patch16_224 / blocks.5" in report.read_text()
+    page = report.read_text()
+    assert "<h2>vit_tiny_patch16_224 / blocks.5</h2>" in page
+    for section in ('id="intro"', 'class="grid"', 'class="metrics"', 'class="sweep"',
+                    'id="layers"', "Analysis (steering)", "Analysis (composite)"):  # fmt: skip
+        assert section in page, section
+    for scores in evaluation["methods"].values():  # the page's numbers are the evaluation's
+        for value in scores.values():
+            if isinstance(value, dict):
+                cell = f'{fmt(value["mean"])} <span class="std">± {fmt(value["std"])}</span>'
+                assert cell in page or cell.replace(" <", "</b> <", 1) in page
     assert f"featinv report: {report.resolve()}" in result.stdout + result.stderr
 
 
