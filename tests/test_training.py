@@ -294,9 +294,8 @@ def test_featinv_mode_end_to_end(train_store, tmp_path, monkeypatch):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from sampling.sampler import make_scheduler, sample, to_images
+    from sampling.reconstruct import Reconstructor
     from training.denoisers import load_trained
-    from training.preview import load_store_vae
     from training.train import train
 
     base = build_demo_sd(str(tmp_path / "sd"))
@@ -322,12 +321,12 @@ def test_featinv_mode_end_to_end(train_store, tmp_path, monkeypatch):
     data = open_training_data(train_store, record["training"])
     features = torch.from_numpy(zarr.open_group(train_store, mode="r")[FEATURES][
         data.heldout_rows[:2], 0].astype("float32"))  # fmt: skip
-    x0 = sample(trainee.denoiser(), make_scheduler("dpm++", trainee.noise_scheduler.config),
-                features, data.target_shape, steps=4, guidance=1.75,
-                unconditional=trainee.unconditional)  # fmt: skip
-    vae = load_store_vae(record["store"]["target"]["vae"], torch.device("cpu"))
-    images = to_images(x0, vae, record["store"]["target"]["scaling_factor"])
+    model = Reconstructor.load(out)  # as `featinv sample` loads it: the VAE from the store
+    assert model.trainee.unconditional == {"keep_prompt": 0}  # guidance keeps the hint
+    images = model.images(features, [1, 2], scheduler="dpm++", steps=4, guidance=1.75)
     assert images.shape == (2, 3, 64, 64) and images.dtype == torch.uint8
+    assert torch.equal(images, model.images(features, [1, 2], scheduler="dpm++", steps=4,
+                                            guidance=1.75))  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -66,6 +66,20 @@ def first_line(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def load_vae(vae: dict, device: torch.device | str = "cpu"):
+    """The VAE recorded by a store's latents array (`source`, `subfolder`), frozen; it turns
+    latents back into images for previews and samplers."""
+    from diffusers import AutoencoderKL
+
+    try:
+        model = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae.get("subfolder"))
+    except Exception as exc:
+        raise ModelLoadError(
+            f"cannot load the store's VAE '{vae['source']}': {first_line(exc)}"
+        ) from None
+    return model.to(device).eval().requires_grad_(False)
+
+
 def load_featinv_base(pretrained: str, revision: str | None, prompt: str):
     """The frozen SD-1.x UNet, its training noise schedule and the prompt's text embeddings."""
     from transformers import CLIPTextModel, CLIPTokenizer

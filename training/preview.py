@@ -19,22 +19,16 @@ from torchvision.utils import make_grid
 from sampling.sampler import make_scheduler, sample, to_images
 from storage_specs.datasets import PairDataset
 from training.data import TrainingData
-from training.denoisers import Trainee, first_line
+from training.denoisers import ModelLoadError, Trainee, load_vae
 
 
 def load_store_vae(vae: dict, device: torch.device):
-    """The VAE that encoded the store's latents (from its recorded source), or None with a
-    warning: previews then show nothing, training goes on."""
-    from diffusers import AutoencoderKL
-
+    """The store's VAE, or None with a warning: previews then show nothing, training goes on."""
     try:
-        model = AutoencoderKL.from_pretrained(vae["source"], subfolder=vae.get("subfolder"))
-    except Exception as exc:
-        reason = first_line(exc)
-        warnings.warn(f"previews off: cannot load the store's VAE '{vae['source']}': {reason}",
-                      stacklevel=2)  # fmt: skip
+        return load_vae(vae, device)
+    except ModelLoadError as exc:
+        warnings.warn(f"previews off: {exc}", stacklevel=2)
         return None
-    return model.to(device).eval().requires_grad_(False)
 
 
 MIN_CELL = 96  # pixels
