@@ -1,2 +1,7 @@
-"""Sampling from trained models (any diffusers scheduler, classifier-free guidance) and the
-re-extraction of features that evaluation measures against; both read the same stores."""
+"""What trained models make of stored feature maps, and how faithful it is.
+
+`sample` (images of held-out maps by a model and its baselines, into a samples store), `evaluate`
+(re-extraction with the store's recorded backbone, metrics), `analyses` (concept steering,
+composite features) and `report` (one HTML page), over `reconstruct` (a trained folder as an image
+maker) and `sampler` (any diffusers scheduler, classifier-free guidance).
+"""
