@@ -100,6 +100,9 @@ def evaluate_run(config: dict, device: str | None = None, progress: bool = True)
             original_logits = classify(backbone, prepared)
     else:
         unavailable["top1"] = unavailable["top5"] = f"{backbone.name} has no classification head"
+    if len(stored) < 2:  # a set statistic: one map has no covariance
+        unavailable["frechet_backbone"] = (f"Fréchet distances need at least 2 maps per set, "
+                                           f"this evaluation has {len(stored)}")  # fmt: skip
     perceptual = _perceptual(unavailable)
 
     table, aggregate = [], {}
@@ -124,8 +127,10 @@ def evaluate_run(config: dict, device: str | None = None, progress: bool = True)
         if "lpips" in perceptual:
             scores["lpips"] = metrics.lpips(flat, originals.repeat_interleave(n, dim=0),
                                             perceptual["lpips"])  # fmt: skip
-        sets = {"frechet_backbone": metrics.frechet_distance(metrics.pooled(stored),
-                                                             metrics.pooled(made))}  # fmt: skip
+        sets = {}
+        if "frechet_backbone" not in unavailable:
+            sets["frechet_backbone"] = metrics.frechet_distance(metrics.pooled(stored),
+                                                                metrics.pooled(made))  # fmt: skip
         if "fid" in perceptual:
             sets["fid"] = metrics.inception_fid(originals, flat, perceptual["fid"])
         aggregate[method] = {
@@ -159,6 +164,9 @@ def _perceptual(unavailable: dict) -> dict:
     """LPIPS and FID metric objects when their weights are here; else the reason, recorded."""
     found = {}
     for name, make in (("lpips", metrics.lpips_metric), ("fid", metrics.inception_fid_metric)):
+        if name == "fid" and "frechet_backbone" in unavailable:
+            unavailable[name] = unavailable["frechet_backbone"]
+            continue
         try:
             found[name] = make()
         except metrics.MetricUnavailable as exc:
@@ -230,7 +238,8 @@ def summary_lines(path: Path) -> list[str]:
              f"{result['backbone']}/{result['layer']} maps: {path}"]  # fmt: skip
     for method, scores in result["methods"].items():
         shown = [f"{name} {scores[name]['mean']:.3f}" for name in PER_SAMPLE if name in scores]
-        shown.append(f"frechet_backbone {scores['frechet_backbone']:.1f}")
+        if "frechet_backbone" in scores:
+            shown.append(f"frechet_backbone {scores['frechet_backbone']:.1f}")
         lines.append(f"  {method:14s} " + ", ".join(shown))
     reasons = dict.fromkeys(result["unavailable"].values())  # top1 and top5 share theirs
     lines += [f"  unavailable: {reason}" for reason in reasons]
