@@ -60,20 +60,23 @@ TRAINING = config.get("training")
 MODEL = f"{TRAINING['output_dir']}/{TRAINING['run']}" if TRAINING else None
 
 
+# What is sampled, evaluated and reported: sampling.model, else the model trained here; its
+# up-convolutional baseline sits beside it (trained here only for the model trained here).
 SAMPLING = config["sampling"]
-BASELINE = f"{MODEL}-updecoder" if TRAINING and SAMPLING["baselines"]["updecoder"] else None
-SAMPLES = f"{SAMPLING['output_dir']}/{SAMPLING['name'] or Path(SAMPLING['model'] or str(MODEL)).name}"
+SAMPLED = SAMPLING["model"] or MODEL
+BASELINE = f"{SAMPLED}-updecoder" if SAMPLED and SAMPLING["baselines"]["updecoder"] else None
+SAMPLES = f"{SAMPLING['output_dir']}/{SAMPLING['name'] or Path(SAMPLED).name}" if SAMPLED else None
 
 
 rule all:
     default_target: True
     input:
         [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
-        [f"{SAMPLES}/report.html"] if TRAINING or SAMPLING["model"] else [],
+        [f"{SAMPLES}/report.html"] if SAMPLED else [],
 
 
 onsuccess:
-    if Path(f"{SAMPLES}/report.html").exists():
+    if SAMPLED and Path(f"{SAMPLES}/report.html").exists():
         print(f"featinv report: {Path(SAMPLES, 'report.html').resolve()}")
 
 
@@ -183,7 +186,7 @@ else:
             "echo 'featinv: the config has no training: section (see README)' >&2; exit 2"
 
 
-if BASELINE:
+if BASELINE and SAMPLED == MODEL:
 
     rule train_baseline:
         """The up-convolutional decoder (Dosovitskiy & Brox) on the same cache: the deterministic
@@ -202,65 +205,67 @@ if BASELINE:
             "{FEATINV} train {input.config} --baseline updecoder"
 
 
-def trained_models(wildcards):
-    """The model (trained here unless sampling.model names one) and the baseline decoder."""
-    models = [] if SAMPLING["model"] else [f"{MODEL}/featinv_training.json"]
-    return models + ([f"{BASELINE}/featinv_training.json"] if BASELINE else [])
+if SAMPLED:
+
+    def trained_models(wildcards):
+        """The model (trained here unless sampling.model names one) and the baseline decoder."""
+        models = [] if SAMPLING["model"] else [f"{MODEL}/featinv_training.json"]
+        return models + ([f"{BASELINE}/featinv_training.json"] if BASELINE else [])
 
 
-rule sample:
-    """Samples of the held-out maps (or sampling.keys) by the model and its baselines; the store
-    beside the marker is no output, so a failed or killed run resumes where it stopped."""
-    input:
-        trained_models,
-        [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
-        config=CONFIG_JSON,
-    output:
-        f"{SAMPLES}/sampled.json",
-    resources:
-        gpu=1 if TRAINING and TRAINING["gpus"] else 0,
-    shell:
-        "{FEATINV} sample {input.config} --out {output}"
+    rule sample:
+        """Samples of the held-out maps (or sampling.keys) by the model and its baselines; the store
+        beside the marker is no output, so a failed or killed run resumes where it stopped."""
+        input:
+            trained_models,
+            [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+            config=CONFIG_JSON,
+        output:
+            f"{SAMPLES}/sampled.json",
+        resources:
+            gpu=1 if TRAINING and TRAINING["gpus"] else 0,
+        shell:
+            "{FEATINV} sample {input.config} --out {output}"
 
 
-rule evaluate:
-    """Re-extraction with the recorded backbone; the one job after extraction that runs it."""
-    input:
-        f"{SAMPLES}/sampled.json",
-        config=CONFIG_JSON,
-    output:
-        f"{SAMPLES}/evaluation.json",
-    shell:
-        "{FEATINV} evaluate {input.config}"
+    rule evaluate:
+        """Re-extraction with the recorded backbone; the one job after extraction that runs it."""
+        input:
+            f"{SAMPLES}/sampled.json",
+            config=CONFIG_JSON,
+        output:
+            f"{SAMPLES}/evaluation.json",
+        shell:
+            "{FEATINV} evaluate {input.config}"
 
 
-rule steer:
-    input:
-        trained_models,
-        config=CONFIG_JSON,
-    output:
-        f"{SAMPLES}/analyses/steering/manifest.json",
-    shell:
-        "{FEATINV} steer {input.config}"
+    rule steer:
+        input:
+            trained_models,
+            config=CONFIG_JSON,
+        output:
+            f"{SAMPLES}/analyses/steering/manifest.json",
+        shell:
+            "{FEATINV} steer {input.config}"
 
 
-rule composite:
-    input:
-        trained_models,
-        config=CONFIG_JSON,
-    output:
-        f"{SAMPLES}/analyses/composite/manifest.json",
-    shell:
-        "{FEATINV} composite {input.config}"
+    rule composite:
+        input:
+            trained_models,
+            config=CONFIG_JSON,
+        output:
+            f"{SAMPLES}/analyses/composite/manifest.json",
+        shell:
+            "{FEATINV} composite {input.config}"
 
 
-rule report:
-    input:
-        f"{SAMPLES}/evaluation.json",
-        f"{SAMPLES}/analyses/steering/manifest.json",
-        f"{SAMPLES}/analyses/composite/manifest.json",
-        config=CONFIG_JSON,
-    output:
-        f"{SAMPLES}/report.html",
-    shell:
-        "{FEATINV} report {input.config} --out {output}"
+    rule report:
+        input:
+            f"{SAMPLES}/evaluation.json",
+            f"{SAMPLES}/analyses/steering/manifest.json",
+            f"{SAMPLES}/analyses/composite/manifest.json",
+            config=CONFIG_JSON,
+        output:
+            f"{SAMPLES}/report.html",
+        shell:
+            "{FEATINV} report {input.config} --out {output}"
