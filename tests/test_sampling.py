@@ -153,3 +153,29 @@ def test_evaluation_scores_the_model_against_its_baselines(demo_run, train_store
         print(f"\nevaluation ({n_entries} held-out maps): " + "; ".join(
             f"{m} cosine {s['cosine']['mean']:.3f} ssim {s['ssim']['mean']:.3f}"
             for m, s in methods.items()))  # fmt: skip
+
+
+def test_sampling_and_evaluating_from_s3_equal_disk(demo_run, train_store, tmp_path, s3_bucket):
+    """The same model on the store's copy on the loopback S3 server: the same images, the same
+    evaluation (a store may move; the config's `store` is what is read)."""
+    import s3fs
+
+    from sampling.evaluate import evaluate_run
+    from sampling.sample import sample_run
+
+    url = f"{s3_bucket}/train.zarr"
+    s3fs.S3FileSystem().put(train_store, url, recursive=True)
+    results = {}
+    for name, store in (("disk", train_store), ("s3", url)):
+        config = sampling_config(store, demo_run[0], tmp_path / name, steps=3, limit=3)
+        config["evaluation"]["sweep"]["steps"] = []
+        sample_run(config, progress=False)
+        out = evaluate_run(config, progress=False)
+        store = SamplesStore(str(out / "samples.zarr"))
+        results[name] = ({m: store.images(m) for m in store.methods},
+                         json.loads((out / "evaluation.json").read_text())["methods"])  # fmt: skip
+    for method, images in results["disk"][0].items():
+        np.testing.assert_array_equal(results["s3"][0][method], images)
+    assert results["s3"][1] == results["disk"][1]
+    assert SamplesStore(str(tmp_path / "s3" / demo_run[0].name / "samples.zarr")).attrs[
+        "source"]["url"] == url  # fmt: skip
