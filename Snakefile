@@ -66,6 +66,8 @@ SAMPLING = config["sampling"]
 SAMPLED = SAMPLING["model"] or MODEL
 BASELINE = f"{SAMPLED}-updecoder" if SAMPLED and SAMPLING["baselines"]["updecoder"] else None
 SAMPLES = f"{SAMPLING['output_dir']}/{SAMPLING['name'] or Path(SAMPLED).name}" if SAMPLED else None
+GUIDED = config["guided"]
+GUIDED_MARKER = f"{SAMPLES}/guided{'-pooled' if GUIDED['pooled'] else ''}.json"
 
 
 rule all:
@@ -228,10 +230,28 @@ if SAMPLED:
             "{FEATINV} sample {input.config} --out {output}"
 
 
+    rule guided_decode:
+        """The training-free guided decoder (and pixel optimisation) on the sampler's entries,
+        into guided.zarr beside samples.zarr; resumes like `sample`."""
+        input:
+            [f"{MODEL}/featinv_training.json"] if not (GUIDED["prior"] or SAMPLING["model"]) else [],
+            [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+            config=CONFIG_JSON,
+        output:
+            GUIDED_MARKER,
+        resources:
+            gpu=1 if TRAINING and TRAINING["gpus"] else 0,
+        shell:
+            "{FEATINV} guided-decode {input.config} --out {output}"
+
+
     rule evaluate:
-        """Re-extraction with the recorded backbone; the one job after extraction that runs it."""
+        """Re-extraction with the recorded backbone; the one job after extraction that runs it.
+        It scores every samples store of the folder: the sampler's and, when `guided.enabled`,
+        the guided decoder's."""
         input:
             f"{SAMPLES}/sampled.json",
+            [GUIDED_MARKER] if GUIDED["enabled"] else [],
             config=CONFIG_JSON,
         output:
             f"{SAMPLES}/evaluation.json",

@@ -135,6 +135,22 @@ def cmd_sample(args) -> None:
     print(f"samples: {out / 'samples.zarr'} (PNG files in {out / 'png'})")
 
 
+def cmd_guided_decode(args) -> None:
+    from sampling.guided_run import decode_arrays, guided_run, store_name
+
+    config = _load_config(args.config, purpose="sample")
+    if args.targets:
+        if not args.to:
+            raise ValueError("--targets needs --to FOLDER (where the images go)")
+        out = decode_arrays(config, args.targets, Path(args.to))
+        print(f"guided decoding of {args.targets}: {out} (guided.json, target*.png)")
+        return
+    out = guided_run(config) / store_name(config["guided"])
+    if args.out:
+        _write_json_atomic(args.out, {"samples": str(out)})
+    print(f"guided samples: {out}")
+
+
 def cmd_evaluate(args) -> None:
     from sampling.evaluate import evaluate_run, summary_lines
 
@@ -270,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("config", help="a config with `store` and a trained model (see README)")
         if name == "sample":
             p.add_argument("--out", help="write a marker JSON here when done (Snakemake)")
+    p = add("guided-decode", cmd_guided_decode,
+            "training-free guided decoding of stored maps (config `guided:`)")  # fmt: skip
+    p.add_argument("config", help="a config with `store` and `guided:` (see README)")
+    p.add_argument("--out", help="write a marker JSON here when done (Snakemake)")
+    p.add_argument("--targets", help="decode the maps in this .npy file instead of store entries")
+    p.add_argument("--to", help="folder for the images of --targets")
     p = add("report", cmd_report, "one HTML page: samples, metrics, plots, analyses")
     p.add_argument("config")
     p.add_argument("runs", nargs="*", help="sample folders to report on (default: the config's)")

@@ -38,7 +38,7 @@ from sampling.reextract import classify, inputs, recorded_backbone, reextract
 from sampling.sample import image_seed, model_folder, output_folder
 from storage_specs.provenance import provenance
 from storage_specs.reader import FeatureStore
-from storage_specs.samples import SamplesStore
+from storage_specs.samples import SamplesRun
 
 PER_SAMPLE = ("cosine", "position_cosine", "rel_l2", "top1", "top5", "psnr", "ssim", "lpips")
 HIGHER_IS_BETTER = {"cosine": True, "position_cosine": True, "rel_l2": False, "top1": True,
@@ -78,9 +78,10 @@ def evaluate_run(config: dict, device: str | None = None, progress: bool = True)
     """Evaluate the samples of `config["sampling"]`; writes evaluation.json and per_sample.csv."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = output_folder(config)
-    samples = SamplesStore(str(out / "samples.zarr"))
+    samples = SamplesRun(out)
     if not samples.complete:
-        raise ValueError(f"'{samples.url}' is unfinished: run `featinv sample` to the end first")
+        raise ValueError(f"{', '.join(samples.unfinished())} unfinished: run `featinv sample` "
+                         "(`featinv guided-decode`) to the end first")  # fmt: skip
     store = FeatureStore(config["store"])
     features = store.require(samples.attrs["source"]["features"])
     backbone = recorded_backbone(dict(features.attrs), device)
@@ -88,7 +89,7 @@ def evaluate_run(config: dict, device: str | None = None, progress: bool = True)
     rows, views = zip(*entries, strict=True)
     stored = torch.from_numpy(store.read_rows(features.path, list(samples.rows))).float()
     stored = stored[:, samples.views].flatten(0, 1)  # [entries x views, C, y, x]
-    originals = torch.from_numpy(samples.originals()).flatten(0, 1)
+    originals = torch.from_numpy(samples.originals()).flatten(0, 1)  # the same in every store
 
     unavailable: dict[str, str] = {}
     original_logits = None
@@ -141,7 +142,8 @@ def evaluate_run(config: dict, device: str | None = None, progress: bool = True)
 
     result = {
         "featinv_evaluation": 1,
-        "samples": str(out / "samples.zarr"),
+        "samples": [store.url for store in samples.stores],
+        "stores": [{k: store.attrs[k] for k in ("model", "sampling")} for store in samples.stores],
         "model": samples.attrs["model"],
         "sampling": samples.attrs["sampling"],
         "backbone": backbone.name,
@@ -179,7 +181,7 @@ def _summary(values: torch.Tensor) -> dict:
     return {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else 0.0}
 
 
-def _rows(samples: SamplesStore, entries, method: str, n: int, scores: dict) -> list[dict]:
+def _rows(samples: SamplesRun, entries, method: str, n: int, scores: dict) -> list[dict]:
     rows = []
     for i, (row, view) in enumerate(np.repeat(np.asarray(entries), n, axis=0)):
         entry = i // (n * len(samples.views))
@@ -189,11 +191,11 @@ def _rows(samples: SamplesStore, entries, method: str, n: int, scores: dict) -> 
     return rows
 
 
-def _sweep(config: dict, samples: SamplesStore, stored, backbone, device, progress) -> list[dict]:
+def _sweep(config: dict, samples: SamplesRun, stored, backbone, device, progress) -> list[dict]:
     """`steps_sweep` of `evaluation.sweep` on view 0 of the entries (or the first evaluated view),
-    one sample each, with the samples' guidance and eta."""
+    one sample each, with the samples' guidance and eta (none for a guided run alone)."""
     sweep = config["evaluation"]["sweep"]
-    if not sweep["steps"]:
+    if not sweep["steps"] or "model" not in samples.methods:
         return []
     spec = samples.attrs["sampling"]
     seeds = [image_seed(spec["seed"], key, samples.views[0], 0) for key in samples.keys]

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from PIL import Image
 
-from storage_specs.samples import SamplesStore
+from storage_specs.samples import SamplesRun
 
 NUMBER_FORMAT = "{:.3f}"
 GRID_ROWS = 8  # entry views shown per run
@@ -36,6 +36,10 @@ METHODS = {
     "unconditional": "unconditional",
     "updecoder": "up-conv decoder",
     "nearest": "nearest neighbour",
+    "guided": "guided decoder",
+    "guided-pooled": "guided decoder (pooled)",
+    "pixelopt": "pixel optimisation",
+    "pixelopt-pooled": "pixel optimisation (pooled)",
 }
 METRICS = {  # name, what it measures
     "cosine": ("feature cosine", "cosine between the stored map and the map the backbone "
@@ -115,7 +119,7 @@ def _load_run(folder: Path) -> dict:
     return {
         "folder": folder,
         "evaluation": json.loads(evaluation.read_text()),
-        "samples": SamplesStore(str(folder / "samples.zarr")),
+        "samples": SamplesRun(folder),
         "analyses": [_manifest(p) for p in sorted(folder.glob("analyses/*/manifest.json"))],
     }
 
@@ -188,22 +192,38 @@ def _run_section(i: int, run: dict) -> str:
 
 def _settings(run: dict) -> str:
     e = run["evaluation"]
-    model, s = e["model"], e["sampling"]
+    made = [_made_by(store) for store in e.get("stores") or [e]]
     return (
-        f"{run['folder'].name}: model {model['path']} ({model['mode']}, {model['steps']} "
-        f"training steps); sampler {s['scheduler']}, {s['steps']} steps, guidance "
-        f"{s['guidance']}, eta {s['eta']}, seed {s['seed']}; {e['n_entries']} entries "
-        f"at views {e['views']}; layer depth {fmt(e['depth'])} (0 input, 1 last module); "
-        f"weights {e['weights']['source']}"
+        f"{run['folder'].name}: {'; '.join(made)}; {e['n_entries']} entries at views "
+        f"{e['views']}; layer depth {fmt(e['depth'])} (0 input, 1 last module); weights "
+        f"{e['weights']['source']}"
     )
 
 
-def _grid(samples: SamplesStore) -> str:
+def _made_by(store: dict) -> str:
+    """What made one samples store's images: the model and sampler, or the guided decoder."""
+    model, s = store["model"], store["sampling"]
+    if "guided" in s:
+        g = s["guided"]
+        travel = g["travel"]
+        return (
+            f"guided decoder: prior {model['path']} ({model['prior']['kind']}), DDIM {g['steps']} "
+            f"steps, scale {g['scale']}, tau {g['tau']}, time travel {travel['early']}x for "
+            f"{travel['early_steps']} steps then {travel['later']}x (min gain "
+            f"{travel['min_gain']}), stop at cosine {g['stop_cosine']}, pooled {g['pooled']}"
+        )
+    return (
+        f"model {model['path']} ({model['mode']}, {model['steps']} training steps); sampler "
+        f"{s['scheduler']}, {s['steps']} steps, guidance {s['guidance']}, eta {s['eta']}, "
+        f"seed {s['seed']}"
+    )
+
+
+def _grid(samples: SamplesRun) -> str:
     """Rows: entry views; columns: original, then up to GRID_SAMPLES images of each method."""
     entries = -(-GRID_ROWS // len(samples.views))
-    originals = samples.root["originals"][:entries]
-    made = {m: samples.root[f"reconstructions/{m}"][:entries, :, :GRID_SAMPLES]
-            for m in samples.methods}  # fmt: skip
+    originals = samples.originals(entries)
+    made = {m: samples.images(m, entries, GRID_SAMPLES) for m in samples.methods}
     head = "<th></th><th>original</th>" + "".join(
         f'<th colspan="{x.shape[2]}" title="{html.escape(samples.methods[m]["description"])}">'
         f"{html.escape(_method(m))}{_shown(x.shape[2], samples.methods[m]['samples'])}</th>"
@@ -286,16 +306,20 @@ def _unavailable(evaluation: dict) -> str:
 
 
 def _verdicts(evaluation: dict) -> str:
-    baselines = [m for m in evaluation["methods"] if m != "model"]
-    lines = "".join(f"<li>{html.escape(_verdict(evaluation, b))}</li>" for b in baselines)
+    """The model against every other row; the guided decoder against its pixel optimisation."""
+    methods = evaluation["methods"]
+    pairs = [("model", m) for m in methods if m != "model" and "model" in methods]
+    pairs += [(m, m.replace("guided", "pixelopt")) for m in methods
+              if m.startswith("guided") and m.replace("guided", "pixelopt") in methods]  # fmt: skip
+    lines = "".join(f"<li>{html.escape(_verdict(evaluation, *pair))}</li>" for pair in pairs)
     return f'<ul class="verdict">{lines}</ul>' if lines else ""
 
 
-def _verdict(evaluation: dict, baseline: str) -> str:
+def _verdict(evaluation: dict, subject: str, baseline: str) -> str:
     """'The model beats the X baseline on k of n metrics: ...; ...' from the printed values."""
     outcome: dict[str, list[str]] = {"beats": [], "ties": [], "loses": []}
     for metric, higher in evaluation["higher_is_better"].items():
-        ours, theirs = (_rounded(evaluation, m, metric) for m in ("model", baseline))
+        ours, theirs = (_rounded(evaluation, m, metric) for m in (subject, baseline))
         if ours is None or theirs is None:
             continue
         sign = (ours > theirs) - (ours < theirs)
@@ -303,7 +327,8 @@ def _verdict(evaluation: dict, baseline: str) -> str:
         outcome[key].append(_metric(metric))
     total = sum(map(len, outcome.values()))
     won, tied, lost = outcome["beats"], outcome["ties"], outcome["loses"]
-    text = f"The model beats the {_method(baseline)} baseline on {len(won)} of {total} metrics"
+    text = (f"The {_method(subject)} beats the {_method(baseline)} baseline on {len(won)} of "
+            f"{total} metrics")  # fmt: skip
     text += f" ({', '.join(won)})" if won else ""
     text += f"; it is level on {', '.join(tied)}" if tied else ""
     text += f"; it is worse on {', '.join(lost)}" if lost else ""

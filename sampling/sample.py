@@ -110,7 +110,7 @@ def sample_run(config: dict, device: str | None = None, progress: bool = True) -
         entries = todo[start : start + spec["batch_size"]]
         results = _sample_entries(entries, source, model, decoder, neighbours, spec)
         for i, result in zip(entries, results, strict=True):
-            _write_pngs(out / "png", str(root["keys"][int(i)]), source.views, *result[:2])
+            write_pngs(out / "png", str(root["keys"][int(i)]), source.views, *result[:2])
             write_entry(root, int(i), *result)  # done last: a killed run redoes the entry
         bar.update(len(entries))
     bar.close()
@@ -221,16 +221,16 @@ def resized(images: torch.Tensor, size) -> torch.Tensor:
     return out.round().clamp(0, 255).to(torch.uint8)
 
 
-def _write_pngs(folder: Path, key: str, views, original: np.ndarray, images: dict) -> None:
+def write_pngs(folder: Path, key: str, views, original: np.ndarray, images: dict) -> None:
     """`<folder>/<key>/v<view>_original.png` and `v<view>_<method>_<index>.png`."""
     where = folder / key
     where.mkdir(parents=True, exist_ok=True)
     for j, view in enumerate(views):
-        _png(where / f"v{view}_original.png", original[j])
+        save_png(where / f"v{view}_original.png", original[j])
         for method, data in images.items():
             for s, image in enumerate(data[j]):
-                _png(where / f"v{view}_{method}_{s}.png", image)
+                save_png(where / f"v{view}_{method}_{s}.png", image)
 
 
-def _png(path: Path, chw: np.ndarray) -> None:
+def save_png(path: Path, chw: np.ndarray) -> None:
     Image.fromarray(np.ascontiguousarray(chw.transpose(1, 2, 0))).save(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -124,6 +125,47 @@ class SamplesStore:
 
     def seeds(self) -> np.ndarray:
         return self.root["seeds"][:]
+
+
+class SamplesRun:
+    """The samples stores of one output folder as one: `samples.zarr` (the sampler's), then
+    `guided*.zarr` (the guided decoder's), all on the same entries, methods side by side."""
+
+    def __init__(self, folder: str | Path):
+        urls = [Path(folder) / "samples.zarr", *sorted(Path(folder).glob("guided*.zarr"))]
+        self.stores = [SamplesStore(str(url)) for url in urls if url.exists()]
+        if not self.stores:
+            raise StoreError(f"'{folder}' holds no samples store: run `featinv sample` (or "
+                             "`featinv guided-decode`) first")  # fmt: skip
+        first = self.stores[0]
+        for other in self.stores[1:]:
+            if other.views != first.views or not np.array_equal(other.rows, first.rows):
+                raise StoreError(f"'{other.url}' holds other entries than '{first.url}': delete "
+                                 "one and rerun it")  # fmt: skip
+        self.url, self.attrs = first.url, first.attrs
+        self.rows, self.keys, self.views = first.rows, first.keys, first.views
+        self._owner = {m: store for store in self.stores for m in store.methods}
+        self.methods = {m: store.methods[m] for m, store in self._owner.items()}
+
+    @property
+    def complete(self) -> bool:
+        return all(store.complete for store in self.stores)
+
+    def unfinished(self) -> list[str]:
+        return [store.url for store in self.stores if not store.complete]
+
+    def originals(self, entries: int | None = None) -> np.ndarray:
+        return self.stores[0].root["originals"][:entries]
+
+    def images(self, method: str, entries: int | None = None,
+               samples: int | None = None) -> np.ndarray:  # fmt: skip
+        """`[entries, views, n, 3, H, W]` uint8 of one method (the first `entries`/`samples`)."""
+        if method not in self.methods:
+            raise StoreError(f"'{self.url}' has no method {method!r} ({', '.join(self.methods)})")
+        return self._owner[method].root[f"reconstructions/{method}"][:entries, :, :samples]
+
+    def store_of(self, method: str) -> SamplesStore:
+        return self._owner[method]
 
 
 def is_samples_store(url: str) -> bool:

@@ -1,0 +1,282 @@
+"""`featinv guided-decode`: the training-free guided decoder on stored features, beside the
+trained decoder.
+
+Targets are the entries `featinv sample` takes (the same keys, split, limit and views), so one
+evaluation and one report compare both: each stored map (or its mean-pooled vector, with
+`guided.pooled`) is decoded `n` times by the guided prior, and once by pixel optimisation with
+the same number of backbone gradient evaluations (Mahendran & Vedaldi).  The output is a samples
+store (`featinv-samples/1`) beside the sampler's, `guided.zarr` (`guided-pooled.zarr`), written
+entry by entry so a killed run resumes; every setting is in its attributes, and the passes and
+feature cosine of every image in its `trajectory/` arrays.  `.npy` targets (no store entry, so no
+original to compare with) go to `decode_arrays`: PNG files and a JSON record.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sampling.guided import FeatureDistance, GuidedResult, guided_decode
+from sampling.pixelopt import PixelPriors, pixel_optimise
+from sampling.priors import Prior, load_prior
+from sampling.reextract import recorded_backbone
+from sampling.sample import (
+    check_store,
+    image_seed,
+    model_folder,
+    output_folder,
+    resized,
+    save_png,
+    select_rows,
+    write_pngs,
+)
+from sampling.sampler import seeded, to_images
+from storage_specs.datasets import PairDataset
+from storage_specs.layout import StoreError
+from storage_specs.provenance import provenance, redact_url
+from storage_specs.reader import FeatureStore
+from storage_specs.samples import create_samples_store, write_entry
+from training.data import TrainingData, open_training_data
+from training.denoisers import RECORD, load_vae
+
+SETTINGS = (
+    "steps",
+    "scale",
+    "tau",
+    "travel",
+    "refine",
+    "refine_lr",
+    "stop_cosine",
+    "seed",
+    "pooled",
+    "condition",
+)
+
+
+def store_name(spec: dict) -> str:
+    return "guided-pooled.zarr" if spec["pooled"] else "guided.zarr"
+
+
+def method_names(spec: dict) -> tuple[str, str]:
+    suffix = "-pooled" if spec["pooled"] else ""
+    return f"guided{suffix}", f"pixelopt{suffix}"
+
+
+def travel_schedule(travel: dict):
+    """Most passes of step i: `early` for the first `early_steps` steps, then `later`."""
+    return lambda i: travel["early"] if i < travel["early_steps"] else travel["later"]
+
+
+def decode(prior: Prior, distance: FeatureDistance, targets: torch.Tensor, seeds, spec: dict,
+           progress: bool = False) -> GuidedResult:  # fmt: skip
+    """`guided_decode` of `targets` with the settings of a `guided:` config section."""
+    travel = spec["travel"]
+    return guided_decode(
+        prior, distance, targets, seeded(seeds), steps=spec["steps"], scale=spec["scale"],
+        tau=spec["tau"], travel=travel_schedule(travel), min_gain=travel["min_gain"],
+        stop_cosine=spec["stop_cosine"], refine=spec["refine"], refine_lr=spec["refine_lr"],
+        progress=progress,
+    )  # fmt: skip
+
+
+def guided_run(config: dict, device: str | None = None, progress: bool = True) -> Path:
+    """Decode (or finish decoding) the sampler's entries; the output folder."""
+    spec, entries_spec = config["guided"], config["sampling"]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = open_training_data(config["store"], _data_spec(config))
+    prior = load_prior(spec["prior"] or str(model_folder(config)), device, spec["condition"])
+    _check_prior(prior, data, spec)
+    backbone = recorded_backbone(data.record["features"], device)
+    backbone.model.requires_grad_(False)
+    distance = FeatureDistance(backbone)
+    keys = FeatureStore(data.url).root["samples/key"][:]
+    rows = select_rows(data, entries_spec, keys)
+    source = PairDataset(data.url, data.arrays, rows=rows, views=entries_spec["views"])
+    vae = load_vae(data.record["target"]["vae"], device) if data.target_kind == "latents" else None
+    out = output_folder(config)
+    guided, pixelopt = method_names(spec)
+    methods = _methods(spec, prior)
+    image_shape = tuple(_originals(source.read_batch([0]), data, vae).shape[1:])
+    root = create_samples_store(
+        str(out / store_name(spec)), rows=source.rows, keys=keys[source.rows],
+        views=source.views, methods=methods, image_shape=image_shape,
+        attrs=_attrs(config, prior, data),
+    )  # fmt: skip
+    trajectory = _trajectory_arrays(root, methods)
+    todo = np.flatnonzero(~root["done"][:])
+    v, n = len(source.views), spec["n"]
+    bar = tqdm(total=len(todo), desc=f"guided-decode {out.name}", unit="entry",
+               disable=not progress)  # fmt: skip
+    for start in range(0, len(todo), spec["batch_size"]):
+        entries = todo[start : start + spec["batch_size"]]
+        batch = source.read_batch([int(i) * v + j for i in entries for j in range(v)])
+        targets = _targets(batch["features"].to(device), spec["pooled"])
+        views = list(zip(batch["key"], batch["view"].tolist(), strict=True))
+        seeds = [image_seed(spec["seed"], key, view, s) for key, view in views for s in range(n)]
+        made = {guided: decode(prior, distance, targets.repeat_interleave(n, 0), seeds, spec)}
+        if pixelopt in methods:  # its budget: the passes of the target's first guided image
+            budgets = made[guided].passes.view(-1, n)[:, 0]
+            made[pixelopt] = pixel_optimise(
+                distance,
+                targets,
+                budgets,
+                _image_size(prior, device),
+                seeded(seeds[::n]),
+                PixelPriors(**{k: w for k, w in spec["pixelopt"].items() if k != "enabled"}),
+            )
+        originals = _per_entry(_originals(batch, data, vae), len(entries), v)[:, :, 0]
+        images = {m: _per_entry(resized(_images(prior, r, m == guided), image_shape[1:]),
+                                len(entries), v) for m, r in made.items()}  # fmt: skip
+        seeds = np.asarray(seeds).reshape(len(entries), v, n)
+        for k, i in enumerate(entries):
+            pictures = {m: x[k] for m, x in images.items()}
+            write_pngs(out / "png", str(root["keys"][int(i)]), source.views, originals[k], pictures)
+            for m, result in made.items():
+                for what in ("passes", "cosine"):
+                    values = _per_entry(getattr(result, what), len(entries), v)[k]
+                    trajectory[m][what][int(i)] = values
+            write_entry(root, int(i), originals[k], pictures, seeds[k])
+        bar.update(len(entries))
+    bar.close()
+    return out
+
+
+def _data_spec(config: dict) -> dict:
+    """The store arrays and split the targets come from: the sampled model's training section
+    (else the config's), with `guided.features` as the targets' array."""
+    folder = model_folder(config)
+    record = folder / RECORD
+    training = (
+        json.loads(record.read_text())["training"] if record.is_file() else config["training"]
+    )
+    features = config["guided"]["features"] or training["features"]
+    return {**training, "features": features, "batch_size": 1}
+
+
+def _check_prior(prior: Prior, data: TrainingData, spec: dict) -> None:
+    """A prior guided with its condition must take the targets' maps."""
+    if not prior.conditional:
+        return
+    if spec["pooled"]:
+        raise ValueError("guided.condition: a conditional prior takes maps, not pooled vectors "
+                         "(set guided.pooled: false)")  # fmt: skip
+    check_store(data, json.loads(Path(prior.about["source"], RECORD).read_text()))
+
+
+def _per_entry(x: torch.Tensor, entries: int, views: int) -> np.ndarray:
+    """`[entries x views x n, ...]` -> `[entries, views, n, ...]`."""
+    return x.reshape(entries, views, -1, *x.shape[1:]).numpy()
+
+
+def _targets(maps: torch.Tensor, pooled: bool) -> torch.Tensor:
+    maps = maps.float()
+    return maps.mean(dim=(2, 3)) if pooled else maps
+
+
+def _image_size(prior: Prior, device) -> tuple[int, int, int]:
+    """The shape of the prior's images (latent priors: after decoding)."""
+    with torch.no_grad():
+        return tuple(prior.to_image(torch.zeros((1, *prior.shape), device=device)).shape[1:])
+
+
+def _images(prior: Prior, result: GuidedResult, model_space: bool) -> torch.Tensor:
+    with torch.no_grad():
+        pixels = prior.to_image(result.x0) if model_space else result.x0
+    return to_images(pixels).cpu()
+
+
+def _originals(batch: dict, data: TrainingData, vae) -> torch.Tensor:
+    """The stored targets as uint8 images (latents: the VAE's decoding of the posterior mean)."""
+    if "pixels" in batch:
+        return batch["pixels"]
+    return to_images(batch["mean"].float() * data.scaling_factor, vae, data.scaling_factor).cpu()
+
+
+def _methods(spec: dict, prior: Prior) -> dict[str, dict]:
+    guided, pixelopt = method_names(spec)
+    what = "the mean-pooled vector of the map" if spec["pooled"] else "the map"
+    about = f"training-free guided diffusion to {what} (Shirahama et al.)"
+    methods = {guided: {"samples": spec["n"], "prior": prior.about["source"], "description": about}}
+    if spec["pixelopt"]["enabled"]:
+        about = (f"pixels optimised to {what} with TV and alpha-norm priors, the same gradient "
+                 "evaluations (Mahendran & Vedaldi)")  # fmt: skip
+        methods[pixelopt] = {"samples": 1, "description": about}
+    return methods
+
+
+def _trajectory_arrays(root, methods: dict) -> dict[str, dict]:
+    """`trajectory/<method>/{passes,cosine}`: per image, the guided passes (gradient
+    evaluations) spent and the feature cosine of the kept image, as the decoder measured it."""
+    v = len(root.attrs["views"])
+    arrays = {}
+    for name, method in methods.items():
+        shape = (root.attrs["n_entries"], v, method["samples"])
+        arrays[name] = {
+            what: root.require_array(f"trajectory/{name}/{what}", shape=shape, dtype=dtype,
+                                     chunks=(1, v, method["samples"]), fill_value=0)
+            for what, dtype in (("passes", "int64"), ("cosine", "float32"))
+        }  # fmt: skip
+    return arrays
+
+
+def _attrs(config: dict, prior: Prior, data: TrainingData) -> dict:
+    spec = config["guided"]
+    features = data.record["features"]
+    settings = {k: spec[k] for k in SETTINGS}
+    return {
+        "source": {"url": redact_url(data.url), "features": features["path"],
+                   "target": data.record["target"]["paths"], "spec": data.record["spec"]},
+        "model": {"path": prior.about["source"], "mode": f"guided prior ({prior.about['kind']})",
+                  "steps": prior.about.get("steps"), "backbone": features["backbone"],
+                  "layer": features["layer"], "prior": prior.about},
+        "sampling": {"scheduler": "ddim (guided)", "steps": spec["steps"],
+                     "guidance": spec["scale"], "eta": 0.0, "seed": spec["seed"],
+                     "guided": settings, "pixelopt": spec["pixelopt"],
+                     "seed_rule": "sha256('<seed>/<key>/<view>/<index>')[:4], little-endian"},
+        "provenance": provenance({"store": data.url, "guided": spec}),
+    }  # fmt: skip
+
+
+def decode_arrays(config: dict, path: str, out: Path, device: str | None = None) -> Path:
+    """Guided decoding of the feature arrays in a `.npy` file (`[C, y, x]`, `[N, C, y, x]`,
+    `[C]` or `[N, C]` for pooled targets) with the config's prior and backbone; PNGs and
+    `guided.json` (settings, passes, cosine per target) into `out`."""
+    spec = config["guided"]
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    data = open_training_data(config["store"], _data_spec(config))
+    targets = _npy_targets(path, tuple(data.feature_shape), spec["pooled"]).to(device)
+    prior = load_prior(spec["prior"] or str(model_folder(config)), device, spec["condition"])
+    backbone = recorded_backbone(data.record["features"], device)
+    backbone.model.requires_grad_(False)
+    n = spec["n"]
+    seeds = [image_seed(spec["seed"], Path(path).name, i, s) for i in range(len(targets))
+             for s in range(n)]  # fmt: skip
+    result = decode(prior, FeatureDistance(backbone), targets.repeat_interleave(n, 0), seeds,
+                    spec, progress=True)  # fmt: skip
+    images = _images(prior, result, True)
+    out.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_png(out / f"target{i // n:04d}_{i % n}.png", image.numpy())
+    record = {
+        "targets": str(path), "features": data.record["features"]["path"],
+        "settings": {k: spec[k] for k in SETTINGS}, "prior": prior.about,
+        "passes": result.passes.view(-1, n).tolist(), "cosine": result.cosine.view(-1, n).tolist(),
+    }  # fmt: skip
+    (out / "guided.json").write_text(json.dumps(record, indent=1))
+    return out
+
+
+def _npy_targets(path: str, map_shape: tuple[int, ...], pooled: bool) -> torch.Tensor:
+    """`[N, C, y, x]` maps or `[N, C]` vectors from a `.npy` file (never a pickle)."""
+    array = np.load(path, allow_pickle=False)
+    want = map_shape[:1] if pooled else map_shape
+    if tuple(array.shape[-len(want) :]) != want or array.ndim not in (len(want), len(want) + 1):
+        kind = "pooled vector" if pooled else "map"
+        raise StoreError(f"'{path}': target shape {tuple(array.shape)} does not fit the stored "
+                         f"{kind} shape {want} (or [N, {', '.join(map(str, want))}])")  # fmt: skip
+    array = array.reshape(-1, *want)
+    return torch.from_numpy(array.astype(np.float32))
