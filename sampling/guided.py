@@ -12,7 +12,8 @@ moves the clean estimate down the distance).  "Time travel" re-noises the result
 step and repeats it; the best clean estimate along the trajectory is kept.
 
 Cheaper than the paper's ~13,000 passes per image by: few DDIM steps; adaptive time travel (a
-sample repeats a step only while each repeat still raises the step's best cosine by `min_gain`);
+sample stops repeating a step once `patience` repeats in a row did not raise the step's best
+cosine by `min_gain`);
 stopping each sample once its feature cosine reaches `stop_cosine` (finished samples leave the
 batch, so they cost nothing more); many targets per batch, each with its own generator, so a
 sample does not depend on what else is in the batch.
@@ -92,8 +93,9 @@ class GuidedResult:
 def _eps_and_x0(prediction, x, alpha_bar, prediction_type: str):
     """The noise and clean estimates of `x` at a step from an epsilon or v prediction."""
     a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-    eps = a * prediction + s * x if prediction_type == "v_prediction" else prediction
-    return eps, (x - s * eps) / a
+    if prediction_type == "v_prediction":  # x0 directly: no division by a tiny sqrt(alpha_bar)
+        return a * prediction + s * x, a * x - s * prediction
+    return prediction, (x - s * prediction) / a
 
 
 def _noise(shape: tuple, generators: list[torch.Generator], index, device) -> torch.Tensor:
@@ -123,30 +125,16 @@ class _Best:
         return GuidedResult(self.x0, self.d, self.c, self.passes, self.trace)
 
 
-def _refined(prior: Prior, distance: FeatureDistance, targets, x0, idx, best: _Best,
-             steps: int, lr: float) -> torch.Tensor:  # fmt: skip
-    """Universal guidance's backward step: `steps` Adam steps on the clean estimate itself; the
-    offset found (each step is one backbone gradient evaluation, counted as a pass)."""
-    delta = torch.zeros_like(x0, requires_grad=True)
-    optimiser = torch.optim.Adam([delta], lr=lr)
-    for _ in range(steps):
-        d, c = distance(prior.to_image(x0 + delta), targets)
-        optimiser.zero_grad()
-        d.sum().backward()
-        best.update(idx, x0 + delta.detach(), d, c)
-        optimiser.step()
-    return delta.detach()
-
-
 def guided_decode(prior: Prior, distance: FeatureDistance, targets: torch.Tensor,
                   generators: list[torch.Generator], *, steps: int = 50, scale: float = 4.0,
                   tau: float = 3.0, travel: Callable[[int], int] = lambda i: 1,
-                  min_gain: float = 0.0, stop_cosine: float | None = None, refine: int = 0,
-                  refine_lr: float = 0.05, progress: bool = False) -> GuidedResult:  # fmt: skip
+                  min_gain: float = 0.0, patience: int = 3, stop_cosine: float | None = None,
+                  progress: bool = False) -> GuidedResult:  # fmt: skip
     """Guided DDIM (eta 0) from one noise per target (`generators[i]` draws target i's).
-    `travel(i)` is the most passes step i may take (repeats after re-noising), `min_gain` the
-    rise over the step's best cosine a repeat must bring for another to follow (0: always),
-    `refine` the backward-guidance steps after each guided pass (0: the paper's method)."""
+    `travel(i)` is the most passes step i may take (repeats after re-noising); with `min_gain`,
+    a step stops repeating once `patience` passes in a row did not raise its best cosine by that
+    much (0: always all; guidance works in bursts: repeats pay in the middle steps and at the
+    last one, hardly on the plateaus between)."""
     scheduler = prior.scheduler
     scheduler.set_timesteps(steps)
     timesteps, kind = scheduler.timesteps, scheduler.config.prediction_type
@@ -158,6 +146,7 @@ def guided_decode(prior: Prior, distance: FeatureDistance, targets: torch.Tensor
         prev = scheduler.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else None
         alpha_prev = (scheduler.final_alpha_cumprod if prev is None else prev).to(device)
         todo, step_best = active.clone(), torch.full((n,), -float("inf"))
+        stalled = torch.zeros(n, dtype=torch.long)
         for k in range(travel(i)):
             idx = todo.nonzero().flatten()
             if not len(idx):
@@ -171,15 +160,14 @@ def guided_decode(prior: Prior, distance: FeatureDistance, targets: torch.Tensor
             best.update(idx, x0, d, c)
             guided = eps.detach() + scale * rescaled_clipped(grad, eps.detach(), tau)
             x0 = (xi.detach() - (1 - alpha).sqrt() * guided) / alpha.sqrt()
-            if refine:
-                delta = _refined(prior, distance, targets[idx], x0, idx, best, refine, refine_lr)
-                x0, guided = x0 + delta, guided - (alpha / (1 - alpha)).sqrt() * delta
             stepped = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * guided
             again = torch.full((len(idx),), k + 1 < travel(i))
             c = c.detach().cpu()
-            if min_gain > 0 and k > 0:  # adaptive: only while repeats still raise the cosine
-                again &= c - step_best[idx] >= min_gain
+            rose = c - step_best[idx] >= min_gain
+            stalled[idx] = torch.where(rose, 0, stalled[idx] + 1)
             step_best[idx] = torch.maximum(step_best[idx], c)
+            if min_gain > 0:  # adaptive: stop once `patience` repeats brought no rise
+                again &= stalled[idx] < patience
             if stop_cosine is not None:
                 again &= best.c[idx] < stop_cosine
             if again.any():  # back to step t: x_t ~ q(x_t | x_prev)

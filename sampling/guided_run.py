@@ -14,6 +14,7 @@ original to compare with) go to `decode_arrays`: PNG files and a JSON record.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,18 +44,7 @@ from storage_specs.samples import create_samples_store, write_entry
 from training.data import TrainingData, open_training_data
 from training.denoisers import RECORD, load_vae
 
-SETTINGS = (
-    "steps",
-    "scale",
-    "tau",
-    "travel",
-    "refine",
-    "refine_lr",
-    "stop_cosine",
-    "seed",
-    "pooled",
-    "condition",
-)
+SETTINGS = ("steps", "scale", "tau", "travel", "stop_cosine", "seed", "pooled", "condition")
 
 
 def store_name(spec: dict) -> str:
@@ -66,9 +56,16 @@ def method_names(spec: dict) -> tuple[str, str]:
     return f"guided{suffix}", f"pixelopt{suffix}"
 
 
-def travel_schedule(travel: dict):
-    """Most passes of step i: `early` for the first `early_steps` steps, then `later`."""
-    return lambda i: travel["early"] if i < travel["early_steps"] else travel["later"]
+def travel_schedule(travel: dict, steps: int):
+    """Most passes of step i: `early` for the first `early_steps` steps, then `later`, and
+    `last` at the last step (near-clean: its repeats refine the image itself)."""
+
+    def passes(i: int) -> int:
+        if i == steps - 1 and travel["last"]:
+            return travel["last"]
+        return travel["early"] if i < travel["early_steps"] else travel["later"]
+
+    return passes
 
 
 def decode(prior: Prior, distance: FeatureDistance, targets: torch.Tensor, seeds, spec: dict,
@@ -77,82 +74,110 @@ def decode(prior: Prior, distance: FeatureDistance, targets: torch.Tensor, seeds
     travel = spec["travel"]
     return guided_decode(
         prior, distance, targets, seeded(seeds), steps=spec["steps"], scale=spec["scale"],
-        tau=spec["tau"], travel=travel_schedule(travel), min_gain=travel["min_gain"],
-        stop_cosine=spec["stop_cosine"], refine=spec["refine"], refine_lr=spec["refine_lr"],
-        progress=progress,
+        tau=spec["tau"], travel=travel_schedule(travel, spec["steps"]),
+        min_gain=travel["min_gain"], patience=travel["patience"],
+        stop_cosine=spec["stop_cosine"], progress=progress,
     )  # fmt: skip
+
+
+@dataclass
+class _Job:
+    """What every batch of a run needs: the settings, the entries, the prior and the measure."""
+
+    spec: dict
+    source: PairDataset  # the entries' rows and views
+    keys: np.ndarray  # of the entries
+    data: TrainingData
+    prior: Prior
+    distance: FeatureDistance
+    vae: torch.nn.Module | None
+    methods: dict[str, dict]
+    image_shape: tuple[int, int, int]
+
+    def decode(self, entries: np.ndarray) -> tuple[np.ndarray, dict, dict, np.ndarray]:
+        """Per entry: originals `[E, V, 3, H, W]`, each method's images `[E, V, n, 3, H, W]`,
+        its `GuidedResult`, and the seeds `[E, V, n]`."""
+        spec, v, n = self.spec, len(self.source.views), self.spec["n"]
+        batch = self.source.read_batch([int(i) * v + j for i in entries for j in range(v)])
+        device = self.prior_device
+        targets = _targets(batch["features"].to(device), spec["pooled"])
+        views = zip(batch["key"], batch["view"].tolist(), strict=True)
+        seeds = [image_seed(spec["seed"], key, view, s) for key, view in views for s in range(n)]
+        guided, pixelopt = method_names(spec)
+        made = {guided: decode(self.prior, self.distance, targets.repeat_interleave(n, 0), seeds,
+                               spec)}  # fmt: skip
+        if pixelopt in self.methods:  # its budget: the passes of the target's first guided image
+            priors = PixelPriors(**{k: w for k, w in spec["pixelopt"].items() if k != "enabled"})
+            made[pixelopt] = pixel_optimise(
+                self.distance, targets, made[guided].passes.view(-1, n)[:, 0],
+                _image_size(self.prior, device), seeded(seeds[::n]), priors,
+            )  # fmt: skip
+        e = len(entries)
+        originals = _per_entry(_originals(batch, self.data, self.vae), e, v)[:, :, 0]
+        images = {m: _per_entry(resized(_images(self.prior, r, m == guided),
+                                        self.image_shape[1:]), e, v)
+                  for m, r in made.items()}  # fmt: skip
+        return originals, images, made, np.asarray(seeds).reshape(e, v, n)
+
+    @property
+    def prior_device(self) -> torch.device:
+        return next(self.distance.backbone.model.parameters()).device
 
 
 def guided_run(config: dict, device: str | None = None, progress: bool = True) -> Path:
     """Decode (or finish decoding) the sampler's entries; the output folder."""
-    spec, entries_spec = config["guided"], config["sampling"]
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    data = open_training_data(config["store"], _data_spec(config))
-    prior = load_prior(spec["prior"] or str(model_folder(config)), device, spec["condition"])
-    _check_prior(prior, data, spec)
-    backbone = recorded_backbone(data.record["features"], device)
-    backbone.model.requires_grad_(False)
-    distance = FeatureDistance(backbone)
-    keys = FeatureStore(data.url).root["samples/key"][:]
-    rows = select_rows(data, entries_spec, keys)
-    source = PairDataset(data.url, data.arrays, rows=rows, views=entries_spec["views"])
-    vae = load_vae(data.record["target"]["vae"], device) if data.target_kind == "latents" else None
+    job = _open_job(config, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = output_folder(config)
-    guided, pixelopt = method_names(spec)
-    methods = _methods(spec, prior)
-    image_shape = tuple(_originals(source.read_batch([0]), data, vae).shape[1:])
     root = create_samples_store(
-        str(out / store_name(spec)), rows=source.rows, keys=keys[source.rows],
-        views=source.views, methods=methods, image_shape=image_shape,
-        attrs=_attrs(config, prior, data),
+        str(out / store_name(job.spec)), rows=job.source.rows, keys=job.keys,
+        views=job.source.views, methods=job.methods, image_shape=job.image_shape,
+        attrs=_attrs(config, job.prior, job.data),
     )  # fmt: skip
-    trajectory = _trajectory_arrays(root, methods)
+    trajectory = _trajectory_arrays(root, job.methods)
     todo = np.flatnonzero(~root["done"][:])
-    v, n = len(source.views), spec["n"]
     bar = tqdm(total=len(todo), desc=f"guided-decode {out.name}", unit="entry",
                disable=not progress)  # fmt: skip
-    for start in range(0, len(todo), spec["batch_size"]):
-        entries = todo[start : start + spec["batch_size"]]
-        batch = source.read_batch([int(i) * v + j for i in entries for j in range(v)])
-        targets = _targets(batch["features"].to(device), spec["pooled"])
-        views = list(zip(batch["key"], batch["view"].tolist(), strict=True))
-        seeds = [image_seed(spec["seed"], key, view, s) for key, view in views for s in range(n)]
-        made = {guided: decode(prior, distance, targets.repeat_interleave(n, 0), seeds, spec)}
-        if pixelopt in methods:  # its budget: the passes of the target's first guided image
-            budgets = made[guided].passes.view(-1, n)[:, 0]
-            made[pixelopt] = pixel_optimise(
-                distance,
-                targets,
-                budgets,
-                _image_size(prior, device),
-                seeded(seeds[::n]),
-                PixelPriors(**{k: w for k, w in spec["pixelopt"].items() if k != "enabled"}),
-            )
-        originals = _per_entry(_originals(batch, data, vae), len(entries), v)[:, :, 0]
-        images = {m: _per_entry(resized(_images(prior, r, m == guided), image_shape[1:]),
-                                len(entries), v) for m, r in made.items()}  # fmt: skip
-        seeds = np.asarray(seeds).reshape(len(entries), v, n)
-        for k, i in enumerate(entries):
+    for start in range(0, len(todo), job.spec["batch_size"]):
+        entries = todo[start : start + job.spec["batch_size"]]
+        originals, images, made, seeds = job.decode(entries)
+        for k, i in enumerate(int(i) for i in entries):
             pictures = {m: x[k] for m, x in images.items()}
-            write_pngs(out / "png", str(root["keys"][int(i)]), source.views, originals[k], pictures)
+            write_pngs(out / "png", str(root["keys"][i]), job.source.views, originals[k], pictures)
             for m, result in made.items():
                 for what in ("passes", "cosine"):
-                    values = _per_entry(getattr(result, what), len(entries), v)[k]
-                    trajectory[m][what][int(i)] = values
-            write_entry(root, int(i), originals[k], pictures, seeds[k])
+                    trajectory[m][what][i] = _per_entry(getattr(result, what), len(entries),
+                                                        len(job.source.views))[k]  # fmt: skip
+            write_entry(root, i, originals[k], pictures, seeds[k])  # done last
         bar.update(len(entries))
     bar.close()
     return out
 
 
+def _open_job(config: dict, device: str) -> _Job:
+    spec = config["guided"]
+    data = open_training_data(config["store"], _data_spec(config))
+    prior = load_prior(spec["prior"] or str(model_folder(config)), device, spec["condition"])
+    _check_prior(prior, data, spec)
+    backbone = recorded_backbone(data.record["features"], device)
+    backbone.model.requires_grad_(False)
+    keys = FeatureStore(data.url).root["samples/key"][:]
+    rows = select_rows(data, config["sampling"], keys)
+    source = PairDataset(data.url, data.arrays, rows=rows, views=config["sampling"]["views"])
+    vae = load_vae(data.record["target"]["vae"], device) if data.target_kind == "latents" else None
+    image_shape = tuple(_originals(source.read_batch([0]), data, vae).shape[1:])
+    return _Job(spec, source, keys[rows], data, prior, FeatureDistance(backbone), vae,
+                _methods(spec, prior), image_shape)  # fmt: skip
+
+
 def _data_spec(config: dict) -> dict:
     """The store arrays and split the targets come from: the sampled model's training section
     (else the config's), with `guided.features` as the targets' array."""
-    folder = model_folder(config)
-    record = folder / RECORD
-    training = (
-        json.loads(record.read_text())["training"] if record.is_file() else config["training"]
-    )
+    record = model_folder(config) / RECORD
+    training = json.loads(record.read_text())["training"] if record.is_file() else None
+    training = training or config.get("training")
+    if not training:
+        raise ValueError(f"guided-decode: no trained model at '{record.parent}' and no training: "
+                         "section to take the targets' arrays and split from")  # fmt: skip
     features = config["guided"]["features"] or training["features"]
     return {**training, "features": features, "batch_size": 1}
 

@@ -158,7 +158,11 @@ row, the original view, several samples of the model from that view's map (diffe
 baselines that set the scale: <i>unconditional</i> is the same model with the map withheld (what
 it makes from no information), <i>up-conv decoder</i> a deterministic decoder trained on the same
 maps (Dosovitskiy &amp; Brox 2016), <i>nearest neighbour</i> the training image whose stored map
-is closest (retrieval, no generation). Faithfulness is measured by the backbone itself: each
+is closest (retrieval, no generation). Where present, <i>guided decoder</i> needs no trained
+decoder at all: an unconditional diffusion model is steered, step by step, by the backbone's
+gradient towards the stored map (Shirahama et al.), and <i>pixel optimisation</i> fits the pixels
+to the map directly with simple image priors and the same number of backbone gradient
+evaluations (Mahendran &amp; Vedaldi 2015). Faithfulness is measured by the backbone itself: each
 generated image is run through it again and its map compared with the stored one; image metrics
 compare it with the original. Tables give mean ± std over all generated images,
 ↑ / ↓ say whether higher or lower is better, and the best value of each column is bold. Numbers

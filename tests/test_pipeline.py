@@ -31,7 +31,8 @@ TRAINING = {"features": "features/vit_tiny_patch16_224/blocks.5", "target": "lat
 # Then sampling, evaluation, analyses and the report, as briefly.
 AFTER = {"sampling": {"steps": 2, "n": 2}, "evaluation": {"sweep": {"schedulers": ["ddim"],
          "steps": [2]}}, "analyses": {"steps": 2, "limit": 2, "keys": ["animals/chelsea",
-         "people/astronaut"]}}  # fmt: skip
+         "people/astronaut"]}, "guided": {"enabled": True, "steps": 2,
+         "travel": {"early_steps": 0, "later": 1}}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -219,15 +220,18 @@ def test_snakemake_all_trains_samples_evaluates_and_reports(run):
     samples = SamplesStore(str(out / "samples.zarr"))
     assert samples.keys == ["animals/chelsea"]  # the one held-out key
     assert list(samples.methods) == ["model", "unconditional", "updecoder", "nearest"]
+    assert validate_samples(str(out / "guided.zarr")) == []  # the latent prior through its VAE
     evaluation = json.loads((out / "evaluation.json").read_text())
     assert evaluation["backbone"] == "vit_tiny_patch16_224" and evaluation["layer"] == "blocks.5"
+    assert list(evaluation["methods"])[-2:] == ["guided", "pixelopt"]
     for kind in ("steering", "composite"):
         assert (out / "analyses" / kind / "manifest.json").is_file()
     report = out / "report.html"
     page = report.read_text()
     assert "<h2>vit_tiny_patch16_224 / blocks.5</h2>" in page
     for section in ('id="intro"', 'class="grid"', 'class="metrics"', 'class="sweep"',
-                    'id="layers"', "Analysis (steering)", "Analysis (composite)"):  # fmt: skip
+                    'id="layers"', "Analysis (steering)", "Analysis (composite)",
+                    "The guided decoder beats the pixel optimisation baseline on"):  # fmt: skip
         assert section in page, section
     for scores in evaluation["methods"].values():  # the page's numbers are the evaluation's
         for value in scores.values():
