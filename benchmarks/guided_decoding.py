@@ -13,6 +13,9 @@ with the original view, the Fréchet distance to the real images in the backbone
 (pre-logits of every photo of the store, view 0), wall time per image, and the cosine-versus-passes
 curve (the best cosine reached within a budget of passes, as the decoder measured it).
 
+Columns of the --images grid: the stored 64 px view, then guided and pixel optimisation for the
+map, then for the pooled vector.
+
 Usage (after building the store and the prior, see benchmarks/guided/config.yaml):
     .venv/bin/snakemake encode_latents --cores 2 --configfile benchmarks/guided/config.yaml
     .venv/bin/python -m pipeline.cli train benchmarks/guided/config.yaml
@@ -27,6 +30,7 @@ import time
 
 import numpy as np
 import torch
+from torchvision.utils import save_image
 
 from pipeline.config import load_config
 from sampling import metrics
@@ -52,10 +56,13 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--settings", default="{}", help="JSON overrides of the guided: section")
     parser.add_argument("--plot", help="write the cosine-versus-passes curves to this PNG")
+    parser.add_argument("--images", help="write a grid (original, guided, pixelopt) to this PNG")
     args = parser.parse_args()
 
     config = load_config(args.config, "sample")
-    spec = {**config["guided"], **json.loads(args.settings)}
+    overrides = json.loads(args.settings)
+    travel = {**config["guided"]["travel"], **overrides.pop("travel", {})}
+    spec = {**config["guided"], **overrides, "travel": travel}
     store = FeatureStore(config["store"])
     data = open_training_data(config["store"], {**config["training"], "batch_size": 1})
     rows = data.heldout_rows[: args.targets]
@@ -65,11 +72,16 @@ def main() -> None:
           f"{prior.about.get('condition_dropout')}, images {tuple(prior.shape)}; "
           f"{len(rows)} held-out targets; settings {json.dumps(spec)}")  # fmt: skip
     reference = _pooled_real(store)
-    curves = {}
+    curves, columns = {}, [torch.from_numpy(store.read_rows("pixels/pixels/rgb", list(rows))[:, 0])]
     for path, pooled in (("features/efficientnet_lite0/blocks.3", False), (PRE_LOGITS, True)):
-        curves |= _compare(store, path, pooled, rows, prior, spec, reference)
+        found, images = _compare(store, path, pooled, rows, prior, spec, reference)
+        curves |= found
+        columns += images
     if args.plot:
         _plot(curves, args.plot)
+    if args.images:
+        grid = torch.stack(columns, dim=1).flatten(0, 1)  # rows: targets; columns: methods
+        save_image(grid.float() / 255, args.images, nrow=len(columns), padding=1)
 
 
 def _compare(store, path, pooled, rows, prior, spec, reference) -> dict:
@@ -107,18 +119,18 @@ def _compare(store, path, pooled, rows, prior, spec, reference) -> dict:
         top1 = metrics.topk_agreement(classify(backbone, originals), logits, 1).mean().item()
         fd = metrics.frechet_distance(reference, metrics.pooled(reextract(pre_logits, images)))
         print(f"{name:10s} {cosine:7.3f} {top1:6.3f} {fd:8.1f} {seconds / len(rows):8.2f}")
-    curves = {f"{kind} guided": _curve(guided.trace), f"{kind} pixelopt": _curve(optimised.trace)}
+    curves = {f"{kind} guided": guided.trace, f"{kind} pixelopt": optimised.trace}
     print("cosine within a budget of passes (mean over targets; as the decoder measures it):")
     print("  passes   " + " ".join(f"{b:>6d}" for b in BUDGETS))
-    for name, curve in curves.items():
-        print(f"  {name.split()[-1]:8s} " + " ".join(f"{v:6.3f}" for v in curve))
-    return curves
+    for name, trace in curves.items():
+        print(f"  {name.split()[-1]:8s} " + " ".join(f"{v:6.3f}" for v in _curve(trace, BUDGETS)))
+    return curves, [guided_images, optimised_images]
 
 
-def _curve(trace: list[list[float]]) -> list[float]:
+def _curve(trace: list[list[float]], budgets) -> list[float]:
     """Mean over targets of the best cosine reached within each budget (the last one if the
     target stopped earlier)."""
-    return [float(np.mean([t[min(b, len(t)) - 1] for t in trace])) for b in BUDGETS]
+    return [float(np.mean([t[min(b, len(t)) - 1] for t in trace])) for b in budgets]
 
 
 def _pooled_real(store) -> torch.Tensor:
@@ -135,8 +147,10 @@ def _plot(curves: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        axis.plot(BUDGETS, curve, marker="o", label=name, ls="-" if "guided" in name else "--")
+    for name, trace in curves.items():  # up to the most passes any target took
+        longest = max(map(len, trace))
+        budgets = [b for b in np.unique(np.geomspace(1, longest, 40).astype(int))]
+        axis.plot(budgets, _curve(trace, budgets), label=name, ls="-" if "guided" in name else "--")
     axis.set_xscale("log")
     axis.set_xlabel("passes per image (backbone gradient evaluations)")
     axis.set_ylabel("feature cosine to the target")

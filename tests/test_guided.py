@@ -116,7 +116,7 @@ def test_diffusers_pipelines_load_as_priors_pixel_and_latent(setup, tmp_path):
 
 
 def guided_config(store: str, model, out, **guided) -> dict:
-    spec = {"steps": 3, "travel": {"early_steps": 1, "early": 2, "later": 1}, **guided}
+    spec = {"steps": 3, "travel": {"early_steps": 1, "early": 2, "later": 1, "last": 1}, **guided}
     return validate_config({"store": store, "guided": spec,
                             "sampling": {"model": str(model), "output_dir": str(out), "limit": 3},
                             "evaluation": {"sweep": {"steps": []}}}, "sample")  # fmt: skip

@@ -32,7 +32,7 @@ TRAINING = {"features": "features/vit_tiny_patch16_224/blocks.5", "target": "lat
 AFTER = {"sampling": {"steps": 2, "n": 2}, "evaluation": {"sweep": {"schedulers": ["ddim"],
          "steps": [2]}}, "analyses": {"steps": 2, "limit": 2, "keys": ["animals/chelsea",
          "people/astronaut"]}, "guided": {"enabled": True, "steps": 2,
-         "travel": {"early_steps": 0, "later": 1}}}  # fmt: skip
+         "travel": {"later": 1, "last": 1}}}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
