@@ -102,8 +102,9 @@ def _noise(shape: tuple, generators: list[torch.Generator], index, device) -> to
     return torch.stack([torch.randn(shape, generator=generators[int(i)]) for i in index]).to(device)
 
 
-class _Best:
-    """The best clean estimate of each target so far, with the passes and the cosine trace."""
+class BestSoFar:
+    """The best image of each target so far (lowest distance), with the passes spent and the
+    best cosine after each pass."""
 
     def __init__(self, x: torch.Tensor):
         n = len(x)
@@ -140,7 +141,7 @@ def guided_decode(prior: Prior, distance: FeatureDistance, targets: torch.Tensor
     timesteps, kind = scheduler.timesteps, scheduler.config.prediction_type
     n, device = len(targets), targets.device
     x = _noise(prior.shape, generators, range(n), device) * scheduler.init_noise_sigma
-    best, active = _Best(x), torch.ones(n, dtype=torch.bool)
+    best, active = BestSoFar(x), torch.ones(n, dtype=torch.bool)
     for i, t in enumerate(tqdm(timesteps, desc="guided", disable=not progress)):
         alpha = scheduler.alphas_cumprod[t].to(device)
         prev = scheduler.alphas_cumprod[timesteps[i + 1]] if i + 1 < len(timesteps) else None

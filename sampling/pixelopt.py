@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sampling.guided import FeatureDistance, GuidedResult
+from sampling.guided import BestSoFar, FeatureDistance, GuidedResult
 
 
 @dataclass(frozen=True)
@@ -41,27 +41,21 @@ def pixel_optimise(distance: FeatureDistance, targets: torch.Tensor, budgets: to
                    priors: PixelPriors = PixelPriors()) -> GuidedResult:  # fmt: skip
     """Images `[N, *shape]` in [-1, 1] after `budgets[i]` gradient evaluations for target i, from
     small seeded noise."""
-    n, device = len(targets), targets.device
+    device = targets.device
     x = torch.stack([0.1 * torch.randn(shape, generator=g) for g in generators]).to(device)
     x.requires_grad_(True)
     optimiser = torch.optim.Adam([x], lr=priors.lr)
     norms = targets.flatten(1).pow(2).sum(dim=1).clamp_min(1e-12)
-    best = x.detach().clone()
-    best_d, best_c = torch.full((n,), float("inf")), torch.full((n,), -float("inf"))
-    trace: list[list[float]] = [[] for _ in range(n)]
+    best = BestSoFar(x.detach())
     for step in range(int(budgets.max())):
-        live = (budgets > step).to(device)
+        live = budgets > step
         d, c = distance(x, targets)
         regular = priors.alpha_weight * x.abs().pow(priors.alpha).flatten(1).mean(dim=1)
         regular = regular + priors.tv_weight * total_variation(x, priors.beta)
-        loss = ((d / norms + regular) * live).sum()
+        loss = ((d / norms + regular) * live.to(device)).sum()
         optimiser.zero_grad()
         loss.backward()
+        index = live.nonzero().flatten()  # the images before this step, as measured
+        best.update(index, x.detach()[index.to(device)], d[index.to(device)], c[index.to(device)])
         optimiser.step()
-        d, c, live = d.detach().cpu(), c.detach().cpu(), live.cpu()
-        better = live & (d < best_d)
-        best[better.to(device)] = x.detach()[better.to(device)].clamp(-1, 1)
-        best_d[better], best_c[better] = d[better], c[better]
-        for j in live.nonzero().flatten().tolist():
-            trace[j].append(float(best_c[j]))
-    return GuidedResult(best, best_d, best_c, budgets.clone(), trace)
+    return best.result()

@@ -213,8 +213,9 @@ def _made_by(store: dict) -> str:
         return (
             f"guided decoder: prior {model['path']} ({model['prior']['kind']}), DDIM {g['steps']} "
             f"steps, scale {g['scale']}, tau {g['tau']}, time travel {travel['early']}x for "
-            f"{travel['early_steps']} steps then {travel['later']}x (min gain "
-            f"{travel['min_gain']}), stop at cosine {g['stop_cosine']}, pooled {g['pooled']}"
+            f"{travel['early_steps']} steps, then {travel['later']}x, "
+            f"{travel['last'] or travel['later']}x at the last (min gain {travel['min_gain']}), "
+            f"stop at cosine {g['stop_cosine']}, pooled {g['pooled']}"
         )
     return (
         f"model {model['path']} ({model['mode']}, {model['steps']} training steps); sampler "
