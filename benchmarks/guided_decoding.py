@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--settings", default="{}", help="JSON overrides of the guided: section")
     parser.add_argument("--plot", help="write the cosine-versus-passes curves to this PNG")
     parser.add_argument("--images", help="write a grid (original, guided, pixelopt) to this PNG")
+    parser.add_argument("--kinds", nargs="+", choices=["map", "pooled"], default=["map", "pooled"])
     args = parser.parse_args()
 
     config = load_config(args.config, "sample")
@@ -73,7 +74,8 @@ def main() -> None:
           f"{len(rows)} held-out targets; settings {json.dumps(spec)}")  # fmt: skip
     reference = _pooled_real(store)
     curves, columns = {}, [torch.from_numpy(store.read_rows("pixels/pixels/rgb", list(rows))[:, 0])]
-    for path, pooled in (("features/efficientnet_lite0/blocks.3", False), (PRE_LOGITS, True)):
+    kinds = {"map": ("features/efficientnet_lite0/blocks.3", False), "pooled": (PRE_LOGITS, True)}
+    for path, pooled in (kinds[k] for k in args.kinds):
         found, images = _compare(store, path, pooled, rows, prior, spec, reference)
         curves |= found
         columns += images
