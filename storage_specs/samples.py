@@ -142,6 +142,10 @@ class SamplesRun:
             if other.views != first.views or not np.array_equal(other.rows, first.rows):
                 raise StoreError(f"'{other.url}' holds other entries than '{first.url}': delete "
                                  "one and rerun it")  # fmt: skip
+            theirs, ours = (s.attrs["source"]["features"] for s in (other, first))
+            if theirs != ours:
+                raise StoreError(f"'{other.url}' decodes {theirs}, '{first.url}' {ours}: "
+                                 "evaluate them apart (another sampling.name)")  # fmt: skip
         self.url, self.attrs = first.url, first.attrs
         self.rows, self.keys, self.views = first.rows, first.keys, first.views
         self._owner = {m: store for store in self.stores for m in store.methods}

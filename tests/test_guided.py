@@ -7,6 +7,7 @@ validates, resumes, and shows up in the evaluation beside pixel optimisation."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -175,3 +176,25 @@ def test_bad_targets_fail_in_one_line_naming_both_shapes(demo_run, train_store, 
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "x" / "guided.json").read_text())
     assert record["passes"] == [[4]] and (tmp_path / "x" / "target0000_0.png").is_file()
+
+
+def test_a_folder_of_samples_stores_must_decode_the_same_entries_and_array(tmp_path):
+    from storage_specs.layout import StoreError
+    from storage_specs.samples import SamplesRun, create_samples_store
+
+    def store(name: str, features: str, rows=(3, 5)) -> None:
+        methods = {name[:6]: {"samples": 1, "description": ""}}
+        create_samples_store(str(tmp_path / name), rows=rows, keys=["a", "b"][: len(rows)],
+                             views=[0], methods=methods, image_shape=(3, 4, 4),
+                             attrs={"source": {"features": features}})  # fmt: skip
+
+    store("samples.zarr", "features/m/blocks.5")
+    store("guided.zarr", "features/m/blocks.5")
+    assert list(SamplesRun(tmp_path).methods) == ["sample", "guided"]
+    store("guided-pooled.zarr", "features/m/bn2")
+    with pytest.raises(StoreError, match=r"decodes features/m/bn2, .* features/m/blocks\.5"):
+        SamplesRun(tmp_path)
+    shutil.rmtree(tmp_path / "guided-pooled.zarr")
+    store("guided-pooled.zarr", "features/m/blocks.5", rows=(3,))
+    with pytest.raises(StoreError, match="holds other entries"):
+        SamplesRun(tmp_path)
