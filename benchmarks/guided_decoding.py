@@ -101,7 +101,7 @@ def _compare(store, path, pooled, rows, prior, spec, reference) -> dict:
         guided_images = to_images(prior.to_image(guided.x0))
     start = time.perf_counter()
     shape = tuple(guided_images.shape[1:])
-    priors = PixelPriors(**{k: v for k, v in spec["pixelopt"].items() if k != "enabled"})
+    priors = PixelPriors.from_config(spec["pixelopt"])
     optimised = pixel_optimise(distance, targets, guided.passes, shape, seeded(seeds), priors)
     pixel_s = time.perf_counter() - start
     optimised_images = to_images(optimised.x0)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from sampling.guided import FeatureDistance, GuidedResult, guided_decode
 from sampling.pixelopt import PixelPriors, pixel_optimise
 from sampling.priors import Prior, load_prior
+from sampling.reconstruct import stored_images
 from sampling.reextract import recorded_backbone
 from sampling.sample import (
     check_store,
@@ -92,7 +93,8 @@ class _Job:
     distance: FeatureDistance
     vae: torch.nn.Module | None
     methods: dict[str, dict]
-    image_shape: tuple[int, int, int]
+    image_shape: tuple[int, int, int]  # of the stored targets, what every image is stored at
+    prior_images: tuple[int, int, int]  # of the prior's images (latent priors: decoded)
 
     def decode(self, entries: np.ndarray) -> tuple[np.ndarray, dict, dict, np.ndarray]:
         """Per entry: originals `[E, V, 3, H, W]`, each method's images `[E, V, n, 3, H, W]`,
@@ -107,13 +109,13 @@ class _Job:
         made = {guided: decode(self.prior, self.distance, targets.repeat_interleave(n, 0), seeds,
                                spec)}  # fmt: skip
         if pixelopt in self.methods:  # its budget: the passes of the target's first guided image
-            priors = PixelPriors(**{k: w for k, w in spec["pixelopt"].items() if k != "enabled"})
             made[pixelopt] = pixel_optimise(
-                self.distance, targets, made[guided].passes.view(-1, n)[:, 0],
-                _image_size(self.prior, device), seeded(seeds[::n]), priors,
+                self.distance, targets, made[guided].passes.view(-1, n)[:, 0], self.prior_images,
+                seeded(seeds[::n]), PixelPriors.from_config(spec["pixelopt"]),
             )  # fmt: skip
         e = len(entries)
-        originals = _per_entry(_originals(batch, self.data, self.vae), e, v)[:, :, 0]
+        originals = stored_images(batch, self.vae, self.data.scaling_factor)
+        originals = _per_entry(originals, e, v)[:, :, 0]
         images = {m: _per_entry(resized(_images(self.prior, r, m == guided),
                                         self.image_shape[1:]), e, v)
                   for m, r in made.items()}  # fmt: skip
@@ -155,18 +157,25 @@ def guided_run(config: dict, device: str | None = None, progress: bool = True) -
 
 def _open_job(config: dict, device: str) -> _Job:
     spec = config["guided"]
+    data, prior, distance = _open_parts(config, device)
+    keys = FeatureStore(data.url).root["samples/key"][:]
+    rows = select_rows(data, config["sampling"], keys)
+    source = PairDataset(data.url, data.arrays, rows=rows, views=config["sampling"]["views"])
+    vae = load_vae(data.record["target"]["vae"], device) if data.target_kind == "latents" else None
+    image_shape = tuple(stored_images(source.read_batch([0]), vae, data.scaling_factor).shape[1:])
+    return _Job(spec, source, keys[rows], data, prior, distance, vae, _methods(spec, prior),
+                image_shape, _image_size(prior, device))  # fmt: skip
+
+
+def _open_parts(config: dict, device: str) -> tuple[TrainingData, Prior, FeatureDistance]:
+    """The targets' store arrays and split, the prior (checked against them) and the measure."""
+    spec = config["guided"]
     data = open_training_data(config["store"], _data_spec(config))
     prior = load_prior(spec["prior"] or str(model_folder(config)), device, spec["condition"])
     _check_prior(prior, data, spec)
     backbone = recorded_backbone(data.record["features"], device)
     backbone.model.requires_grad_(False)
-    keys = FeatureStore(data.url).root["samples/key"][:]
-    rows = select_rows(data, config["sampling"], keys)
-    source = PairDataset(data.url, data.arrays, rows=rows, views=config["sampling"]["views"])
-    vae = load_vae(data.record["target"]["vae"], device) if data.target_kind == "latents" else None
-    image_shape = tuple(_originals(source.read_batch([0]), data, vae).shape[1:])
-    return _Job(spec, source, keys[rows], data, prior, FeatureDistance(backbone), vae,
-                _methods(spec, prior), image_shape)  # fmt: skip
+    return data, prior, FeatureDistance(backbone)
 
 
 def _data_spec(config: dict) -> dict:
@@ -212,13 +221,6 @@ def _images(prior: Prior, result: GuidedResult, model_space: bool) -> torch.Tens
     with torch.no_grad():
         pixels = prior.to_image(result.x0) if model_space else result.x0
     return to_images(pixels).cpu()
-
-
-def _originals(batch: dict, data: TrainingData, vae) -> torch.Tensor:
-    """The stored targets as uint8 images (latents: the VAE's decoding of the posterior mean)."""
-    if "pixels" in batch:
-        return batch["pixels"]
-    return to_images(batch["mean"].float() * data.scaling_factor, vae, data.scaling_factor).cpu()
 
 
 def _methods(spec: dict, prior: Prior) -> dict[str, dict]:
@@ -272,16 +274,12 @@ def decode_arrays(config: dict, path: str, out: Path, device: str | None = None)
     `guided.json` (settings, passes, cosine per target) into `out`."""
     spec = config["guided"]
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    data = open_training_data(config["store"], _data_spec(config))
+    data, prior, distance = _open_parts(config, device)
     targets = _npy_targets(path, tuple(data.feature_shape), spec["pooled"]).to(device)
-    prior = load_prior(spec["prior"] or str(model_folder(config)), device, spec["condition"])
-    backbone = recorded_backbone(data.record["features"], device)
-    backbone.model.requires_grad_(False)
     n = spec["n"]
     seeds = [image_seed(spec["seed"], Path(path).name, i, s) for i in range(len(targets))
              for s in range(n)]  # fmt: skip
-    result = decode(prior, FeatureDistance(backbone), targets.repeat_interleave(n, 0), seeds,
-                    spec, progress=True)  # fmt: skip
+    result = decode(prior, distance, targets.repeat_interleave(n, 0), seeds, spec, progress=True)
     images = _images(prior, result, True)
     out.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(images):

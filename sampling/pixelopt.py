@@ -28,6 +28,11 @@ class PixelPriors:
     tv_weight: float = 0.5
     lr: float = 0.05
 
+    @classmethod
+    def from_config(cls, section: dict) -> PixelPriors:
+        """From a `guided.pixelopt` config section (its `enabled` switch aside)."""
+        return cls(**{k: v for k, v in section.items() if k != "enabled"})
+
 
 def total_variation(x: torch.Tensor, beta: float) -> torch.Tensor:
     """Per image: mean over positions of (dx^2 + dy^2)^(beta/2) (the last row/column dropped)."""

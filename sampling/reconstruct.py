@@ -90,7 +90,14 @@ class Reconstructor:
     def target_images(self, batch: dict) -> torch.Tensor:
         """The stored targets of a `PairDataset` batch as uint8 images (latents: the VAE's
         decoding of the posterior mean), what reconstructions are compared with."""
-        if "pixels" in batch:
-            return batch["pixels"]
-        scaling = self.record["store"]["target"]["scaling_factor"]
-        return self.to_images(batch["mean"].to(self.device).float() * scaling)
+        return stored_images(batch, self.vae, self.record["store"]["target"]["scaling_factor"])
+
+
+def stored_images(batch: dict, vae=None, scaling_factor: float | None = None) -> torch.Tensor:
+    """A `PairDataset` batch's stored targets as uint8 images on the CPU: its pixels, or the
+    VAE's decoding of the latent posterior mean."""
+    if "pixels" in batch:
+        return batch["pixels"]
+    device = next(vae.parameters()).device
+    mean = batch["mean"].to(device).float() * scaling_factor
+    return to_images(mean, vae, scaling_factor).cpu()
