@@ -15,6 +15,8 @@ rows, pre-encoded one chunk (one view of one sample) at a time, in memory. The t
 repeats in one process; the result is the median of per-repeat ratios zarr / blosc samples/s.
 
 Usage: ``.venv/bin/python benchmarks/compression.py [--repeats 5] [--passes 10]``
+``[--config PATH] [--targets] [--json PATH]`` (another config's encoders; its targets too;
+the measured sizes as JSON for ``benchmarks/scaling.py``)
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from numcodecs import Blosc, blosc
+from record import write_result
 
 from pipeline.config import validate_config
 from pipeline.demo import build_demo_images
@@ -49,9 +52,10 @@ CODECS = {  # name -> numcodecs codec; the first one is what the store uses
 blosc.use_threads = False
 
 
-def build_store(tmp: Path) -> FeatureStore:
-    config = yaml.safe_load(CONFIG.read_text())
-    config.pop("targets", None)  # feature arrays only (the VAE target needs a model folder)
+def build_store(tmp: Path, config_path: Path, targets: bool) -> FeatureStore:
+    config = yaml.safe_load(config_path.read_text())
+    if not targets:
+        config.pop("targets", None)  # feature arrays only (the VAE target needs a model folder)
     for entry in config["backbones"]:
         entry.pop("compression", None)  # lossless, whatever the config says
     build_demo_images(str(tmp / "demo"))
@@ -82,20 +86,41 @@ def codec_row(chunks: np.ndarray, codec: Blosc) -> tuple[float, float, float]:
     return ratio, chunks.nbytes / t_enc / 1e6, chunks.nbytes / t_dec / 1e6
 
 
+def size_record(store: FeatureStore, path: str, arr: dict, metadata: int) -> dict:
+    """What `benchmarks/scaling.py` scales one array's size from: the bytes it stored here, its
+    per-view shape and dtype, and whose values they were (real or random weights, which VAE)."""
+    attrs = store.root[path].attrs
+    return {
+        "per_view_shape": arr["shape"][2:],
+        "dtype": arr["dtype"],
+        "pretrained": arr["pretrained"],
+        "source": attrs.get("weights", attrs.get("vae", {})).get("source"),
+        "stored_bytes": arr["stored_bytes"],
+        "metadata_bytes": metadata,
+        "raw_fp32_bytes": arr["raw_fp32_bytes"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--passes", type=int, default=10, help="reads of all shards per timing")
+    parser.add_argument("--config", type=Path, default=CONFIG, help="whose encoders to store")
+    parser.add_argument(
+        "--targets", action="store_true",
+        help="also the config's targets (a VAE needs its folder, e.g. data/demo_vae of make demo)",
+    )  # fmt: skip
+    parser.add_argument("--json", help="also write the sizes per array to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="featinv-bench-") as tmp_dir:
-        store = build_store(Path(tmp_dir))
+        store = build_store(Path(tmp_dir), args.config, args.targets)
         info = store.describe()
         valid = store.samples()["valid"]
         views = store.root.attrs["views"]["count"]
         print(f"{store.n_samples} samples ({info['n_valid']} valid) x {views} views;")
         print(f"  chunk = one view of one sample, shard = {store.shard_size} samples")
         print(f"\n{'array':<44} {'per sample':>10} {'stored/fp32':>11} {'data only':>9}  goal")
-        data = {}
+        data, sizes = {}, {}
         for path, arr in info["arrays"].items():
             metadata = (Path(store.url) / path / "zarr.json").stat().st_size
             ratio = arr["stored_bytes"] / arr["raw_fp32_bytes"]
@@ -103,6 +128,7 @@ def main() -> None:
             shape = "x".join(map(str, arr["shape"][1:]))
             flag = "<= 0.45 ok" if ratio <= 0.45 else "ABOVE 0.45"
             print(f"{path:<44} {shape:>10} {ratio:>11.3f} {data_only:>9.3f}  {flag}")
+            sizes[path] = size_record(store, path, arr, metadata)
             size = int(np.prod(store.root[path].chunks))  # one sample-view per chunk
             shards = [store.read_shard(path, s).reshape(-1, size) for s in range(store.n_shards)]
             data[path] = (shards, np.concatenate(shards).reshape(len(valid), -1, size)[valid])
@@ -150,6 +176,9 @@ def main() -> None:
                 f"{path:<44} {n / z:>10.0f} {nbytes / z / 1e6:>7.0f} "
                 f"{n / b:>11.0f} {nbytes / b / 1e6:>7.0f} {ratio:.3f}x"
             )
+        results = {"config": str(args.config), "n_valid": info["n_valid"], "views": views,
+                   "shard_size": store.shard_size, "arrays": sizes}  # fmt: skip
+        write_result(args.json, "compression", results)
 
 
 if __name__ == "__main__":
