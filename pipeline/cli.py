@@ -7,6 +7,7 @@ Errors a user can fix (bad config, bad store) print one line and exit 2 (validat
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -105,6 +106,13 @@ def cmd_finalize(args) -> None:
     print_summary(config["store"])
 
 
+def _dask(address: str | None) -> contextlib.AbstractContextManager:
+    """`--dask-scheduler`: a client of that cluster, or None (work on this process's threads)."""
+    from storage_specs.compute import dask_client
+
+    return contextlib.nullcontext() if address is None else dask_client(address)
+
+
 def cmd_validate(args) -> None:
     from storage_specs.samples import is_samples_store, validate_samples
     from storage_specs.validate import lossy_errors, validate_store
@@ -114,7 +122,10 @@ def cmd_validate(args) -> None:
     if samples:
         problems = validate_samples(args.store)
     else:
-        problems = validate_store(args.store, check_data=not args.metadata_only, progress=True)
+        with _dask(args.dask_scheduler) as client:
+            problems = validate_store(
+                args.store, check_data=not args.metadata_only, progress=True, client=client
+            )
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
     if problems:
@@ -124,6 +135,17 @@ def cmd_validate(args) -> None:
               f"(mean {e['rel_l2_mean']:.3g}) on {len(e['rows'])} stored exact samples; "
               f"bound {e['limit']:.3g}")  # fmt: skip
     print(f"{args.store}: valid")
+
+
+def cmd_stats(args) -> None:
+    from storage_specs.stats import store_stats
+
+    _check_url("store", args.store)
+    with _dask(args.dask_scheduler) as client:
+        stats = store_stats(args.store, args.array, client, write=args.write)
+    print(json.dumps(stats))
+    if args.write:
+        print(f"wrote channel_stats of {len(stats)} array(s) into {args.store}", file=sys.stderr)
 
 
 def cmd_sample(args) -> None:
@@ -195,8 +217,11 @@ def cmd_export_webdataset(args) -> None:
     _check_url("store", args.store)
     _check_url("out", args.out)
     features = f"features/{args.backbone}/{args.layer}"
-    tars = export_webdataset(args.store, args.out, features, args.target, args.max_mb * 2**20)
-    print(f"wrote {len(tars)} tar shard(s): {tars[0]} ...")
+    with _dask(args.dask_scheduler) as client:
+        tars = export_webdataset(
+            args.store, args.out, features, args.target, args.max_mb * 2**20, client=client
+        )
+    print(f"wrote {len(tars)} tar shard(s)" + (f": {tars[0]} ..." if tars else ""))
 
 
 def baseline_spec(spec: dict) -> dict:
@@ -264,13 +289,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "check a store against the spec; exit 1 on any problem")
     p.add_argument("store")
     p.add_argument("--metadata-only", action="store_true", help="skip reading every chunk")
+    dask_help = (
+        "read the shards on this dask cluster: tcp://host:port, a scheduler file, or 'local' "
+        "(a LocalCluster on this machine)"
+    )
+    p.add_argument("--dask-scheduler", metavar="ADDR", help=dask_help + "; default: threads here")
+    p = add("stats", cmd_stats, "per-channel statistics of a store's arrays (JSON on stdout)")
+    p.add_argument("store")
+    p.add_argument("--array", action="append", metavar="PATH",
+                   help="e.g. features/resnet18/layer4 (repeatable; default: all)")  # fmt: skip
+    p.add_argument("--dask-scheduler", metavar="ADDR", default="local",
+                   help=dask_help + " (the default)")  # fmt: skip
+    p.add_argument("--write", action="store_true", help="store them as the arrays' channel_stats")
     p = add("export-webdataset", cmd_export_webdataset, "write webdataset tar shards of an array")
     p.add_argument("store")
     p.add_argument("out", help="folder (path or fsspec URL) for 00000.tar, 00001.tar, ...")
     p.add_argument("--backbone", required=True)
     p.add_argument("--layer", required=True)
     p.add_argument("--target", help="also export a target array, e.g. latents/vae/mean")
-    p.add_argument("--max-mb", type=int, default=512, help="tar shard size (default 512 MB)")
+    p.add_argument("--max-mb", type=int, default=512,
+                   help="tar size: about this, in whole store shards (default 512)")  # fmt: skip
+    p.add_argument("--dask-scheduler", metavar="ADDR",
+                   help=dask_help + "; each tar is one task; default: threads here")  # fmt: skip
     p = add("train", cmd_train, "fit the feature-conditioned diffusion model from a store")
     p.add_argument("config", help="a config with `store` and `training:` (see README)")
     p.add_argument("--store", help="train on this store instead of the config's")

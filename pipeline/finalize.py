@@ -79,10 +79,13 @@ def finalize_store(url: str, groups: list[str] | None = None, progress: bool = T
     problems = validate_store(url, require_complete=False, groups=ready, progress=progress)
     if problems:
         raise StoreError("store failed validation:\n  " + "\n  ".join(problems))
-    for path in stored_arrays(root):
-        arr = root[path]
-        if arr.attrs["group"] in ready and "channel_stats" not in arr.attrs:
-            arr.attrs["channel_stats"] = channel_stats(arr, fields["valid"])
+    todo = [
+        path
+        for path in stored_arrays(root)
+        if root[path].attrs["group"] in ready and "channel_stats" not in root[path].attrs
+    ]
+    for path, stats in channel_stats(url, todo, fields["valid"]).items():
+        root[path].attrs["channel_stats"] = stats
     summary = {
         "n_valid": int(fields["valid"].sum()),
         "n_skipped": int((~fields["valid"]).sum()),

@@ -3,20 +3,31 @@
 For teams whose loaders speak webdataset: each (valid sample, view) becomes one tar sample with
 `features.npy`, `target.npy` (if asked) and `json` metadata.  Nothing is pickled (`.npy` is read
 with allow_pickle=False by webdataset's decoder), keys carry no dots, and the store is read shard
-by shard, so the export streams at storage speed.
+by shard.  Each tar holds whole consecutive store shards and is one task, so tars are written in
+parallel (threads here, or a dask cluster's workers) and read in name order give the samples in
+row order, whoever wrote them.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
 import webdataset as wds
-from tqdm import tqdm
 
+from storage_specs.compute import run_tasks
+from storage_specs.layout import SAMPLE_FIELDS, VIEW_FIELDS, shard_range
 from storage_specs.reader import FeatureStore
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+SAMPLE_OVERHEAD = 2048  # bytes of a tar sample besides its arrays: headers and json, about
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -25,56 +36,84 @@ def _npy(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _samples(store: FeatureStore, features: str, target: str | None):
-    """Tar samples in row order, reading the store one shard at a time."""
-    meta = store.samples()
+def _shard_samples(
+    store: FeatureStore, features: str, target: str | None, shard: int
+) -> Iterator[dict]:
+    """The tar samples of one store shard, in row then view order."""
+    start, stop = shard_range(shard, store.shard_size, store.n_samples)
+    meta = {f: store.root[f"samples/{f}"][start:stop] for f in SAMPLE_FIELDS + VIEW_FIELDS}
+    values = store.read_shard(features, shard)
+    targets = store.read_shard(target, shard) if target else None
+    for i in np.flatnonzero(meta["valid"]):
+        key = str(meta["key"][i])
+        for view in range(values.shape[1]):
+            info = {
+                "key": key, "row": start + int(i), "view": view,
+                "label": int(meta["label"][i]), "source": str(meta["source"][i]),
+                "view_box": meta["view_box"][i, view].tolist(),
+                "view_hflip": bool(meta["view_hflip"][i, view]),
+                "features": features, "target": target,
+            }  # fmt: skip
+            sample = {"__key__": f"{key}/v{view}", "json": json.dumps(info),
+                      "features.npy": _npy(values[i, view])}  # fmt: skip
+            if targets is not None:
+                sample["target.npy"] = _npy(targets[i, view])
+            yield sample
+
+
+def write_tar(url: str, features: str, target: str | None, shards: list[int], tar: str) -> int:
+    """One task: the samples of `shards` into the tar at URL `tar`; returns how many."""
+    store = FeatureStore(url)
+    count = 0
+    with fsspec.open(tar, "wb") as f, wds.TarWriter(f) as sink:
+        for shard in shards:
+            for sample in _shard_samples(store, features, target, shard):
+                sink.write(sample)
+                count += 1
+    return count
+
+
+def plan_tars(store: FeatureStore, paths: list[str], max_bytes: int) -> list[list[int]]:
+    """Consecutive store shards with valid rows, grouped into tars of about `max_bytes` at most
+    (a bigger shard is a tar of its own); sizes estimated from shapes, nothing read."""
+    valid = store.root["samples/valid"][:]
+    views = store.root.attrs["views"]["count"]
+    per_sample = SAMPLE_OVERHEAD + sum(
+        store.root[p].dtype.itemsize * math.prod(store.root[p].shape[2:]) for p in paths
+    )
+    tars: list[list[int]] = []
+    size = math.inf
     for shard in range(store.n_shards):
-        values = store.read_shard(features, shard)
-        targets = store.read_shard(target, shard) if target else None
-        start = shard * store.shard_size
-        for i in range(len(values)):
-            row = start + i
-            if not meta["valid"][row]:
-                continue
-            for view in range(values.shape[1]):
-                info = {
-                    "key": str(meta["key"][row]), "row": row, "view": view,
-                    "label": int(meta["label"][row]), "source": str(meta["source"][row]),
-                    "view_box": meta["view_box"][row, view].tolist(),
-                    "view_hflip": bool(meta["view_hflip"][row, view]),
-                    "features": features, "target": target,
-                }  # fmt: skip
-                sample = {"__key__": f"{meta['key'][row]}/v{view}", "json": json.dumps(info),
-                          "features.npy": _npy(values[i, view])}  # fmt: skip
-                if targets is not None:
-                    sample["target.npy"] = _npy(targets[i, view])
-                yield sample
+        start, stop = shard_range(shard, store.shard_size, store.n_samples)
+        shard_bytes = int(valid[start:stop].sum()) * views * per_sample
+        if not shard_bytes:
+            continue
+        if size + shard_bytes > max_bytes:
+            tars.append([])
+            size = 0
+        tars[-1].append(shard)
+        size += shard_bytes
+    return tars
 
 
 def export_webdataset(
     url: str, out: str, features: str, target: str | None = None,
-    max_bytes: int = 512 * 2**20, progress: bool = True,
+    max_bytes: int = 512 * 2**20, progress: bool = True, client: Client | None = None,
 ) -> list[str]:  # fmt: skip
-    """Write `<out>/00000.tar, 00001.tar, ...` (any fsspec folder); returns the tar URLs."""
+    """Write `<out>/00000.tar, 00001.tar, ...` (any fsspec folder the writers can reach); returns
+    the tar URLs.  The tars are written where `client`'s dask workers run (default: threads)."""
     store = FeatureStore(url)
     if not store.complete:
         raise ValueError(f"store '{url}' is not complete; finish the pipeline first")
-    for path in filter(None, (features, target)):
+    paths = [p for p in (features, target) if p]
+    for path in paths:
         if path not in store.root:
             arrays = ", ".join(store.arrays())
             raise ValueError(f"store '{url}' has no {path}; arrays: {arrays}")
     fs, root = fsspec.core.url_to_fs(out)
     fs.makedirs(root, exist_ok=True)
-    tars: list[str] = []
-    sink, size = None, 0
-    for sample in tqdm(_samples(store, features, target), disable=not progress, unit="sample"):
-        if sink is None or size >= max_bytes:
-            if sink is not None:
-                sink.close()
-            tars.append(f"{root.rstrip('/')}/{len(tars):05d}.tar")
-            sink, size = wds.TarWriter(fs.open(tars[-1], "wb")), 0
-        sink.write(sample)
-        size += sum(len(v) for k, v in sample.items() if k != "__key__")
-    if sink is not None:
-        sink.close()
-    return [fs.unstrip_protocol(t) for t in tars]
+    groups = plan_tars(store, paths, max_bytes)
+    tars = [fs.unstrip_protocol(f"{root.rstrip('/')}/{i:05d}.tar") for i in range(len(groups))]
+    calls = [(url, features, target, shards, tar) for shards, tar in zip(groups, tars, strict=True)]
+    run_tasks(write_tar, calls, client, "export", progress)
+    return tars

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import jsonschema
 import numpy as np
 import zarr
-from tqdm import tqdm
 
 from storage_specs.codecs import measured_error
+from storage_specs.compute import open_array, run_tasks
 from storage_specs.layout import (
     KINDS,
     SAMPLE_FIELDS,
@@ -31,6 +32,9 @@ from storage_specs.layout import (
     shard_range,
     stored_arrays,
 )
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 
 def load_schema() -> dict:
@@ -52,11 +56,13 @@ def validate_store(
     progress: bool = False,
     require_complete: bool = True,
     groups: list[str] | None = None,
+    client: Client | None = None,
 ) -> list[str]:
     """Every problem found in the store at `url`; empty when it conforms to the spec.
 
     The finalising step validates before it marks the store complete (`require_complete=False`),
-    and only the groups whose shards are all committed (`groups`).
+    and only the groups whose shards are all committed (`groups`).  The shards are read where
+    `client`'s dask workers run (default: threads here).
     """
     try:
         root = open_root(url, consolidated=False)  # the objects, not a snapshot of them
@@ -76,7 +82,7 @@ def validate_store(
     problems += [p for path in arrays for p in _array_problems(root, path)]
     problems += _commit_problems(root, arrays, groups)
     if check_data and not problems:
-        problems += _data_problems(root, arrays, progress)
+        problems += _data_problems(url, root, arrays, progress, client)
         problems += _lossy_problems(url)
     return problems
 
@@ -184,26 +190,32 @@ def _shards(root: zarr.Group) -> Iterator[tuple[int, int, int]]:
         yield (shard, *shard_range(shard, shard_size, n))
 
 
-def _data_problems(root: zarr.Group, arrays: list[str], progress: bool) -> list[str]:
-    """Read every shard of every array: crc32c of each chunk and of each shard index, finiteness."""
-    problems = []
+def shard_problems(
+    url: str, path: str, shard: int, start: int, stop: int, rows: np.ndarray
+) -> list[str]:
+    """One task: read one shard of one array (the codecs check the crc32c of each chunk and of the
+    shard index) and check the values of its valid `rows` are finite."""
+    arr = open_array(url, path)
+    where = f"{path} shard {shard} (samples {start}-{stop - 1})"
+    if not shard_exists(arr, shard):
+        return [f"{where}: shard missing"]
+    try:
+        data = arr[start:stop]
+    except Exception as exc:  # codec errors: crc32c mismatch, blosc failure, bad index
+        return [f"{where}: unreadable ({type(exc).__name__}: {exc})"]
+    return [] if np.isfinite(data[rows]).all() else [f"{where}: NaN or Inf values"]
+
+
+def _data_problems(
+    url: str, root: zarr.Group, arrays: list[str], progress: bool, client: Client | None
+) -> list[str]:
+    """Every shard with valid rows of every array, one task each, problems in array/shard order."""
     valid = root["samples/valid"][:]
-    shards = list(_shards(root))
-    for path in tqdm(arrays, desc="validate", unit="array", disable=not progress):
-        arr = root[path]
-        for shard, start, stop in shards:
-            where = f"{path} shard {shard} (samples {start}-{stop - 1})"
-            rows = valid[start:stop]
-            if not rows.any():
-                continue
-            if not shard_exists(arr, shard):
-                problems.append(f"{where}: shard missing")
-                continue
-            try:
-                data = arr[start:stop]
-            except Exception as exc:  # codec errors: crc32c mismatch, blosc failure, bad index
-                problems.append(f"{where}: unreadable ({type(exc).__name__}: {exc})")
-                continue
-            if not np.isfinite(data[rows]).all():
-                problems.append(f"{where}: NaN or Inf values")
-    return problems
+    calls = [
+        (url, path, shard, start, stop, valid[start:stop])
+        for path in arrays
+        for shard, start, stop in _shards(root)
+        if valid[start:stop].any()
+    ]
+    found = run_tasks(shard_problems, calls, client, "validate", progress)
+    return [problem for problems in found for problem in problems]
