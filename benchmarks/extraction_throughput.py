@@ -18,6 +18,7 @@ stage images/s / bare images/s (goal: >= 0.9), and the ratio of the best repeats
 Diagnostics: ``--breakdown`` also times each piece of the stage alone (best of ``--repeats``),
 
 Usage: ``.venv/bin/python benchmarks/extraction_throughput.py [--all-default-backbones]``
+``[--device cuda] [--json PATH]`` (the images/s as JSON for ``benchmarks/scaling.py``)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from record import write_result
 
 from pipeline.config import validate_config
 from pipeline.decode import ImageLimits
@@ -73,7 +75,7 @@ class BareForward:
 
     def __init__(self, config: dict, images: Path):
         self.config, self.items = config, list_source(str(images)).items
-        self.encoders = load_encoders(config, device="cpu")
+        self.encoders = load_encoders(config, device=config["device"])
         self.views = resolve_views(config)
         samples = self.prepare_all()
         self.inputs = {e.name: torch.cat([s[e.name] for s in samples]) for e in self.encoders}
@@ -98,6 +100,8 @@ class BareForward:
                 rows = self.inputs[encoder.name][shard * size * k : (shard + 1) * size * k]
                 for i in range(0, len(rows), batch * k):
                     outputs.append(encoder.encode(rows[i : i + batch * k]))
+        if self.config["device"].startswith("cuda"):
+            torch.cuda.synchronize()  # the stage waits for its outputs too (copies to the host)
         return outputs
 
 
@@ -177,6 +181,19 @@ def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
     print(f"  forward / sum of pieces: {forward / sum(pieces.values()):.3f}x")
 
 
+def json_results(config: dict, args: argparse.Namespace, times: list[tuple[float, float]]) -> dict:
+    """The run's settings and images/s per repeat: what extraction hours scale from."""
+    n, settings = args.images, ("batch_size", "shard_size", "threads", "num_workers", "device")
+    entries = [{k: e[k] for k in ("name", "weights", "layers")} for e in config["backbones"]]
+    return {
+        "backbones": entries,
+        "images": n,
+        "views": config["views"]["count"],
+        **{key: config[key] for key in settings},
+        "repeats": [{"stage_img_s": n / s, "bare_img_s": n / b} for s, b in times],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -189,6 +206,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--json", help="also write the images/s per repeat to this file")
     parser.add_argument(
         "--breakdown", action="store_true", help="also time each piece of the stage alone"
     )
@@ -207,13 +226,13 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "num_workers": args.num_workers,
                 "threads": args.threads,
-                "device": "cpu",
+                "device": args.device,
             }
         )
         bare = BareForward(config, images)
         names = " + ".join(entry["name"] for entry in config["backbones"])
         print(f"{names}: {args.images} images, batch {args.batch_size}, shard {args.shard_size},")
-        print(f"  threads {args.threads}, num_workers {args.num_workers}, device cpu")
+        print(f"  threads {args.threads}, num_workers {args.num_workers}, device {args.device}")
         run_pair(config, tmp / "warmup.zarr", bare, False)  # warm-up: files, allocator, caches
         print(f"{'repeat':>6} {'stage img/s':>12} {'bare img/s':>11} {'stage/bare':>11}")
         times = []
@@ -226,6 +245,7 @@ def main() -> None:
         best = min(b for _, b in times) / min(s for s, _ in times)
         print(f"median of per-repeat stage/bare: {median:.3f}x (goal >= 0.9x)")
         print(f"best stage / best bare:          {best:.3f}x")
+        write_result(args.json, "extraction_throughput", json_results(config, args, times))
         if args.breakdown:
             breakdown(config, bare, tmp, args.repeats)
 

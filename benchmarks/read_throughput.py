@@ -12,7 +12,9 @@ little):
 
 Local store and the same store on S3 (moto's server on loopback, through s3fs).
 
-    python benchmarks/read_throughput.py [--images 64] [--batches 20] [--repeats 3]
+    python benchmarks/read_throughput.py [--images 64] [--batches 20] [--repeats 3] [--json PATH]
+
+(`--json`: the samples/s, ratios and the reader's requests per batch, for `benchmarks/scaling.py`.)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import zarr
 from numcodecs import Blosc
+from record import counted_requests, write_result
 
 from pipeline.backbones import BackboneSpec, LayerTaps, load_backbone
 from pipeline.config import validate_config
@@ -75,6 +78,15 @@ def time_store(url: str, plan: list[list[int]]) -> float:
     for batch in plan:
         ds.read_batch(batch)
     return 64 * len(plan) / (time.perf_counter() - start)
+
+
+def requests_per_batch(url: str, plan: list[list[int]]) -> dict[str, dict]:
+    """The reader's requests and bytes per batch of `plan` (untimed: counting costs a little)."""
+    ds = PairDataset(url, {"features": PATH})
+    with counted_requests() as requests:
+        for batch in plan:
+            ds.read_batch(batch)
+    return requests.per_batch(len(plan))
 
 
 def time_codec(url: str, plan: list[list[int]]) -> float:
@@ -140,6 +152,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -154,15 +167,20 @@ def main() -> None:
                 "codec": time_codec(local, plan), "zarr_loop": time_zarr_loop(local, plan),
                 "online": time_online(local, files, min(64, len(files))),
             })  # fmt: skip
+        requests = requests_per_batch(local, plan)  # the same for S3: one reader, one plan
         server.stop()
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(f"{PATH}, batches of 64 random (sample, view), {args.batches} batches x {args.repeats}")
     for name, value in med.items():
         print(f"  {name:10s} {value:10.0f} samples/s")
+    ratios = {}
     for name, base in (("local", "codec"), ("s3", "codec"), ("local", "online"),
                        ("s3", "online"), ("zarr_loop", "codec")):  # fmt: skip
-        ratio = statistics.median(r[name] / r[base] for r in rows)
-        print(f"  {name} / {base}: {ratio:.2f}x")
+        ratios[f"{name}/{base}"] = statistics.median(r[name] / r[base] for r in rows)
+        print(f"  {name} / {base}: {ratios[f'{name}/{base}']:.2f}x")
+    results = {"array": PATH, "batch_size": 64, "n_items": n_items, "shard_size": 16,
+               "samples_per_s": med, "ratios": ratios, "requests": requests}  # fmt: skip
+    write_result(args.json, "read_throughput", results)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from storage_specs.chunks import ChunkReader
@@ -29,7 +30,12 @@ def write_result(path: str | None, benchmark: str, results: dict) -> None:
         "benchmark": benchmark,
         "command": shlex.join([os.path.relpath(sys.executable), *sys.argv]),
         "date": run["created"],
-        "machine": {"cpus": os.cpu_count(), "python": run["python"], **run["packages"]},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "load_average": os.getloadavg(),
+            "python": run["python"],
+            **run["packages"],
+        },
         "git_revision": run["git_revision"],
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -37,27 +43,47 @@ def write_result(path: str | None, benchmark: str, results: dict) -> None:
     print(f"results written to {path}")
 
 
+@dataclass
+class Requests:
+    """The shard reader's object requests and bytes received, per (array path, kind): `index` (a
+    shard index, once per shard and process) or `chunks` (a run of nearby chunks of one shard)."""
+
+    counts: Counter = field(default_factory=Counter)
+    nbytes: Counter = field(default_factory=Counter)
+
+    def per_batch(self, batches: int) -> dict[str, dict]:
+        """Per array: chunk requests and bytes per batch, bytes per request, index requests."""
+        out = {}
+        for path in sorted({path for path, _ in self.counts}):
+            n, nbytes = self.counts[path, "chunks"], self.nbytes[path, "chunks"]
+            out[path] = {
+                "requests_per_batch": n / batches,
+                "bytes_per_batch": nbytes / batches,
+                "bytes_per_request": nbytes / max(n, 1),
+                "index_requests": self.counts[path, "index"],
+            }
+        return out
+
+
 @contextmanager
-def counted_requests() -> Iterator[Counter]:
-    """Count the shard reader's object requests and bytes in this process while the block runs.
+def counted_requests() -> Iterator[Requests]:
+    """Count the shard reader's requests in this process while the block runs.
 
     Object stores bill and throttle per request, so what scales a trainer's load on S3 is the
-    requests per batch (one per run of nearby chunks of a shard, plus each shard index once per
-    process), not the bytes alone.  Keys: `<array path>:index|chunks` -> requests, and the same
-    with `:bytes` appended -> bytes received.
+    requests per batch, not the bytes alone.
     """
     original = ChunkReader._get
-    counts: Counter = Counter()
+    requests = Requests()
 
     async def counting(self: ChunkReader, shard: int, start: int, stop: int | None) -> bytes:
         data = await original(self, shard, start, stop)
-        key = f"{self.arr.path}:{'index' if stop is None else 'chunks'}"
-        counts[key] += 1
-        counts[f"{key}:bytes"] += len(data)
+        key = (self.arr.path, "index" if stop is None else "chunks")
+        requests.counts[key] += 1
+        requests.nbytes[key] += len(data)
         return data
 
     ChunkReader._get = counting
     try:
-        yield counts
+        yield requests
     finally:
         ChunkReader._get = original
