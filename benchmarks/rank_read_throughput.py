@@ -24,6 +24,8 @@ import multiprocessing as mp
 import statistics
 import time
 from collections.abc import Iterable
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 import torch
@@ -43,7 +45,8 @@ def sampler(n_items: int, spec: dict, rank: int, world: int, count: int) -> Epoc
     return EpochBatches(n_items, spec["batch_size"], world, rank, spec["seed"], Position(), count)
 
 
-def read_as_rank(url: str, spec: dict, rank: int, world: int, batches: int, barrier, out) -> None:
+def read_as_rank(url: str, spec: dict, rank: int, world: int, batches: int, barrier: Barrier,
+                 out: Queue) -> None:  # fmt: skip
     """One rank: its loader, then samples/s over its batches after the first (put on `out`)."""
     dataset = open_training_data(url, spec).dataset()
     loader = make_loader(dataset, sampler(len(dataset), spec, rank, world, batches + 1), spec,
@@ -64,7 +67,7 @@ def run_world(url: str, spec: dict, world: int, batches: int) -> list[float]:
              for rank in range(world)]  # fmt: skip
     for proc in procs:
         proc.start()
-    rates = dict(out.get() for _ in procs)
+    rates = dict(out.get(timeout=600) for _ in procs)  # a rank that died: no endless wait
     for proc in procs:
         proc.join()
     return [rates[rank] for rank in range(world)]

@@ -181,7 +181,8 @@ def objects_section(arrays: list[Array], p: argparse.Namespace) -> list[str]:
         "shard objects (one per shard per array)": len(arrays) * shards,
         f"`samples/` chunks ({samples} arrays, one chunk per shard; at most)": samples * shards,
         f"commit records (one per group and shard; {groups} groups)": groups * shards,
-        "`zarr.json` of the arrays and groups": len(arrays) + samples + 3 + groups + len(parents),
+        # root, samples/, commits/, commits/<group>, <kind>/, <kind>/<encoder>/ and the arrays
+        "`zarr.json` of the arrays and groups": 3 + groups + len(parents) + len(arrays) + samples,
     }
     rows = [[f"`{a.path}`", size(a.object_bytes(p)), puts_per_object(a.object_bytes(p))]
             for a in arrays]  # fmt: skip
@@ -330,7 +331,7 @@ def gets_section(rank: dict, read: dict, p: argparse.Namespace) -> list[str]:
         "on average: the reader merges only nearby chunks of one shard into a request, so at "
         "this scale it sends one GET per chunk, 3 per pair (feature, mean, logvar): "
         f"**{gets:,.0f} GET/s per rank, {p.ranks * gets:,.0f} in all**, and per array prefix "
-        f"{p.ranks * gets / 3:,.0f}/s against S3's {S3_READS:,}/s (reached at "
+        f"{p.ranks * p.step_rate * p.batch_size:,.0f}/s against S3's {S3_READS:,}/s (reached at "
         f"{S3_READS / p.batch_size / p.ranks:,.1f} steps/s per rank). Each reader process first "
         f"reads every shard index it touches, once: {shards:,} x 3 arrays, "
         f"{size(INDEX_BYTES * p.shard_size * p.views + 4)} each.",
@@ -401,7 +402,7 @@ def main() -> None:
     ]
     p.out.parent.mkdir(parents=True, exist_ok=True)
     p.out.write_text("\n".join(doc).rstrip() + "\n")
-    print(f"wrote {p.out.relative_to(ROOT)}")
+    print(f"wrote {p.out}")
 
 
 if __name__ == "__main__":
