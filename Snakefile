@@ -32,6 +32,7 @@ try:
     validate_config(config)  # one-line errors for people; snakemake's own check below fills defaults
 except ConfigError as exc:
     sys.exit(f"featinv: {exc}")
+GIVEN = json.loads(json.dumps(config))  # what the user set, before the schema's defaults
 validate(config, str(SCHEMA_PATH), set_default=True)
 
 DEMO = "data/demo"
@@ -43,9 +44,10 @@ CONFIG_JSON = f"{WORK}/config.json"
 
 
 def _write_effective_config() -> None:
-    """The validated config (CLI overrides included) for the featinv jobs; rewritten only when it
-    changes, so an unchanged rerun does nothing."""
-    text = json.dumps(config, indent=1, sort_keys=True)
+    """The config as given (CLI overrides included) for the featinv jobs, which fill the defaults
+    themselves; rewritten only when it changes, so an unchanged rerun does nothing, nor does a
+    featinv version whose schema grew a default."""
+    text = json.dumps(GIVEN, indent=1, sort_keys=True)
     path = Path(CONFIG_JSON)
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +97,23 @@ if TRAINING:
     }
     if TRAINING["gpus"]:
         TRAIN_JOB |= {"gres": f"gpu:{TRAINING['gpus']}", "tasks_per_gpu": 0}
+
+
+# On a cluster Snakemake still caps each job's threads at --cores (the workflow profile says `all`:
+# the CPUs of the submit host); say so rather than let jobs shrink unnoticed. (A cluster run is
+# one with a job limit: --jobs, which the cluster profiles set.)
+_cluster_run = workflow.global_resources["_nodes"].value is not None
+if _cluster_run and workflow.is_main_process and not workflow.dryrun:
+    _threads = {
+        "threads": config["threads"],
+        "training.threads": TRAINING["threads"] if TRAINING else 0,
+        "resources.finalize.threads": RESOURCES["finalize"]["threads"],
+        "resources.sampling.threads": RESOURCES["sampling"]["threads"],
+    }
+    _key = max(_threads, key=_threads.get)
+    if _threads[_key] > workflow.cores:
+        print(f"featinv: --cores {workflow.cores} caps {_key} ({_threads[_key]}) on the cluster; "
+              "pass --cores N, the most CPUs one job may ask for", file=sys.stderr)
 
 
 localrules:

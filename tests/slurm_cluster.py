@@ -1,10 +1,12 @@
-"""A real single-node SLURM cluster (Debian's `slurmctld` + `slurmd`) in a temporary folder.
+"""A real SLURM cluster on this machine (Debian's `slurmctld`, and one `slurmd` per node, all on
+loopback) in a temporary folder.
 
 For the tests, and for trying `profiles/slurm/` on a laptop:
 
     python -m tests.slurm_cluster start /tmp/slurm     # prints the env to export
     python -m tests.slurm_cluster stop /tmp/slurm
 
+Two nodes by default, splitting the CPUs, so multi-node jobs (one `srun` task per node) are real.
 Nothing outside the folder is touched: the config, state, spool, logs and pid files live there,
 authentication is `auth/none` (no munge key), and the client commands (`sbatch`, `srun`, ...) are
 wrapped in `<folder>/bin` so they find the config even where SLURM drops `SLURM_CONF` (a job's
@@ -46,24 +48,29 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _config(folder: Path, host: str, cpus: int, memory_mb: int) -> str:
+def _config(folder: Path, host: str, nodes: int, cpus: int, memory_mb: int) -> str:
     """The smallest slurm.conf that schedules real jobs on this host: cores and memory are
-    consumable (`DefMemPerCPU`), so several jobs share the node as on a real cluster."""
+    consumable (`DefMemPerCPU`), so several jobs share a node as on a real cluster; each node is
+    a `slurmd -N nN` of its own port."""
+    node_lines = "\n".join(
+        f"NodeName=n{i} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()} "
+        f"CPUs={cpus} RealMemory={memory_mb}"
+        for i in range(1, nodes + 1)
+    )
     return f"""\
 ClusterName=featinv-test
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={_free_port()}
-SlurmdPort={_free_port()}
 AuthType=auth/none
 CredType=cred/none
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={folder}/state
-SlurmdSpoolDir={folder}/spool
+SlurmdSpoolDir={folder}/spool-%n
 SlurmctldPidFile={folder}/slurmctld.pid
-SlurmdPidFile={folder}/slurmd.pid
+SlurmdPidFile={folder}/slurmd-%n.pid
 SlurmctldLogFile={folder}/slurmctld.log
-SlurmdLogFile={folder}/slurmd.log
+SlurmdLogFile={folder}/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -76,7 +83,7 @@ KillWait=5
 AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 DefMemPerCPU={memory_mb // cpus}
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN
+{node_lines}
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
@@ -120,36 +127,40 @@ class SlurmCluster:
         return [dict(zip(fields, line.split("|"), strict=True)) for line in out.splitlines()]
 
 
-def start(folder: Path, cpus: int | None = None, memory_mb: int = 8000,
-          timeout: float = 30.0) -> SlurmCluster:  # fmt: skip
-    """Configure and start both daemons; returns once the node accepts jobs."""
+def start(
+    folder: Path, nodes: int = 2, memory_mb: int = 4000, timeout: float = 30.0
+) -> SlurmCluster:
+    """Configure and start the daemons; returns once every node accepts jobs."""
     if reason := unavailable():
         raise RuntimeError(reason)
     folder = Path(folder).resolve()
-    for sub in ("state", "spool"):
+    for sub in ("state", *(f"spool-n{i}" for i in range(1, nodes + 1))):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     host = socket.gethostname().split(".")[0]
     conf = folder / "slurm.conf"
-    conf.write_text(_config(folder, host, cpus or os.cpu_count() or 1, memory_mb))
+    cpus = max((os.cpu_count() or 1) // nodes, 1)
+    conf.write_text(_config(folder, host, nodes, cpus, memory_mb))
     cluster = SlurmCluster(folder, conf, _wrap_commands(folder, conf), host)
     env = {**os.environ, "SLURM_CONF": str(conf)}
     subprocess.run(["slurmctld", "-c", "-i"], env=env, check=True, timeout=30)
-    subprocess.run(["slurmd"], env=env, check=True, timeout=30)
+    for i in range(1, nodes + 1):
+        subprocess.run(["slurmd", "-N", f"n{i}"], env=env, check=True, timeout=30)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = cluster.run("sinfo", "--noheader", "--format=%t", check=False).strip()
-        if state in ("idle", "mix", "alloc"):
+        states = cluster.run("sinfo", "--noheader", "--Node", "--format=%t", check=False).split()
+        if len(states) == nodes and all(s in ("idle", "mix", "alloc") for s in states):
             return cluster
         time.sleep(0.3)
     stop(folder)
-    raise RuntimeError(f"the test SLURM node did not come up in {timeout:.0f} s (logs in {folder})")
+    raise RuntimeError(
+        f"the test SLURM nodes did not come up in {timeout:.0f} s (logs in {folder})"
+    )
 
 
 def stop(folder: Path) -> None:
-    """Stop both daemons (by their pid files) and whatever jobs they left running."""
+    """Stop the daemons (by their pid files); their jobs end with them."""
     folder = Path(folder).resolve()
-    for daemon in reversed(DAEMONS):
-        pid_file = folder / f"{daemon}.pid"
+    for pid_file in [*folder.glob("slurmd-*.pid"), folder / "slurmctld.pid"]:
         try:
             pid = int(pid_file.read_text())
             os.kill(pid, signal.SIGTERM)
@@ -167,11 +178,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["start", "stop"])
     parser.add_argument("folder", type=Path)
+    parser.add_argument("--nodes", type=int, default=2, help="slurmd daemons (default 2)")
     args = parser.parse_args()
     if args.action == "stop":
         stop(args.folder)
         return
-    cluster = start(args.folder)
+    cluster = start(args.folder, args.nodes)
     for name, value in cluster.env().items():
         print(f"export {name}={value}")
 

@@ -1,8 +1,8 @@
 """`snakemake --profile profiles/slurm` on a real SLURM cluster (tests/slurm_cluster.py: Debian's
-slurmctld and slurmd on this machine, started by the tests): extraction and encoding into a store
-on disk and on the loopback S3 server, equal to the same run executed locally; a SLURM job killed
-mid-run is resubmitted and the store ends complete and identical; training through the `train`
-rule as two accelerate processes (gloo) inside the SLURM job."""
+slurmctld and two slurmd nodes on this machine, started by the tests): extraction and encoding
+into a store on disk and on the loopback S3 server, equal to the same run executed locally; a
+SLURM job killed mid-run is resubmitted and the store ends complete and identical; training
+through the `train` rule on two nodes (one `srun` task each, `accelerate launch`, gloo)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from training import launch
 
 # The test cluster has no accounting: squeue is the status command, checked every 2 s (the
 # cluster keeps finished jobs visible for MinJobAge = 300 s). Three shards of a stage run as one
-# SLURM job, as `group-components` does on a real cluster.
+# SLURM job, one after the other (--cores 1: the nodes have one CPU each).
 SLURM_ARGS = ("--profile", str(REPO / "profiles/slurm"), "--slurm-status-command", "squeue",
               "--slurm-init-seconds-before-status-checks", "1",
               "--seconds-between-status-checks", "2", "--slurm-no-account",
-              "--group-components", "shards=3", "--latency-wait", "5")  # fmt: skip
+              "--group-components", "shards=3", "--cores", "1", "--latency-wait", "5")  # fmt: skip
 JOB = {"mem_mb": 1500, "runtime": 20}
 TARGETS = [{"name": "pixels", "kind": "pixels", "size": 32}]
 
@@ -98,15 +98,15 @@ def test_killed_job_is_resubmitted_and_store_equals_local_run(slurm, small_dir, 
     assert store_objects(str(store)) == store_objects(reference)
 
 
-def test_s3_store_and_two_process_training_through_slurm(slurm, small_dir, reference, s3_bucket,
-                                                         tmp_path):  # fmt: skip
+def test_s3_store_and_two_node_training_through_slurm(slurm, small_dir, reference, s3_bucket,
+                                                      tmp_path):  # fmt: skip
     """Extraction and encoding into the loopback S3 server, then the `train` rule: one SLURM job
-    whose step runs `srun` once per node, each running `accelerate launch` (2 CPU processes,
-    gloo)."""
+    of two nodes whose step runs `srun` once per node, each `accelerate launch`ing one process
+    with its node's rank (gloo on CPUs)."""
     url = f"{s3_bucket}/store.zarr"
     training = {"run": "ddp", "output_dir": str(tmp_path / "models"), "steps": 4,
                 "features": "features/efficientnet_lite0/blocks.3", "target": "pixels/pixels",
-                "heldout": {"fraction": 0.25}, "gpus": 0, "processes_per_node": 2, "threads": 2,
+                "heldout": {"fraction": 0.25}, "gpus": 0, "nodes": 2, "threads": 1,
                 "mem_mb": 3000, "runtime_min": 20, "batch_size": 2, "num_workers": 0,
                 "checkpoint_every": 2, "log_every": 1, "preview_every": 0,
                 "ema": {"enabled": False},
@@ -121,7 +121,9 @@ def test_s3_store_and_two_process_training_through_slurm(slurm, small_dir, refer
     record = json.loads((tmp_path / "models/ddp/featinv_training.json").read_text())
     assert record["world_size"] == 2 and record["steps"] == 4
     job_logs = "".join(p.read_text() for p in (tmp_path / ".snakemake/slurm_logs").rglob("*.log"))
-    assert "srun --overlap" in job_logs and "--num_processes 2" in job_logs, job_logs[-3000:]
+    assert "srun --overlap --nodes 2" in job_logs, job_logs[-3000:]
+    for rank in (0, 1):
+        assert f"--num_machines 2 --machine_rank {rank}" in job_logs, job_logs[-3000:]
 
 
 def test_launch_plans_follow_the_config_and_the_allocation():

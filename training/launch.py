@@ -34,11 +34,20 @@ def _port(job_id: str | None) -> int:
         return probe.getsockname()[1]
 
 
-def _first_host(nodelist: str) -> str:
-    """The first host of a SLURM node list (`node[01-04]`), as `scontrol` expands it."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
-                         text=True, check=True, timeout=60)  # fmt: skip
-    return out.stdout.split()[0]
+def _scontrol(*args: str) -> str:
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True, check=True,
+                          timeout=60)  # fmt: skip
+    return done.stdout
+
+
+def _first_node_address(nodelist: str) -> str:
+    """The address of the allocation's first node: SLURM's `NodeAddr` (node names need not
+    resolve; `node[01-04]` is expanded by scontrol)."""
+    first = _scontrol("show", "hostnames", nodelist).split()[0]
+    fields = dict(
+        f.split("=", 1) for f in _scontrol("show", "node", "-o", first).split() if "=" in f
+    )
+    return fields.get("NodeAddr", first)
 
 
 def accelerate_command(spec: dict, train_args: list[str], env: dict[str, str]) -> list[str]:
@@ -46,7 +55,7 @@ def accelerate_command(spec: dict, train_args: list[str], env: dict[str, str]) -
     rendezvous on the allocation's first node (127.0.0.1 outside SLURM)."""
     nodes, per_node = spec["nodes"], processes_per_node(spec)
     in_slurm = NODE_STEP in env
-    host = _first_host(env["SLURM_JOB_NODELIST"]) if in_slurm else "127.0.0.1"
+    host = _first_node_address(env["SLURM_JOB_NODELIST"]) if in_slurm else "127.0.0.1"
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
         "--num_processes", str(nodes * per_node), "--num_machines", str(nodes),
@@ -82,10 +91,22 @@ def plan(spec: dict, launch_args: list[str], env: dict[str, str]) -> list[str] |
     return None
 
 
+def allocation_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` without the variables of the step we may be running in (Snakemake runs a job's
+    command in an `srun -n1` step, whose SLURM_NNODES is 1): srun then sees the whole
+    allocation of SLURM_JOB_ID."""
+    keep = {"SLURM_JOB_ID", "SLURM_CONF"}
+    return {k: v for k, v in env.items()
+            if k in keep or not k.startswith(("SLURM_", "SRUN_", "SBATCH_"))}  # fmt: skip
+
+
 def launch(spec: dict, launch_args: list[str]) -> int | None:
     """Run the planned command (its exit code), or None when training belongs in this process."""
-    command = plan(spec, launch_args, dict(os.environ))
+    env = dict(os.environ)
+    command = plan(spec, launch_args, env)
     if command is None:
         return None
     print(f"featinv launch-train: {' '.join(command)}", flush=True)
-    return subprocess.run(command).returncode
+    return subprocess.run(
+        command, env=allocation_env(env) if command[0] == "srun" else env
+    ).returncode
