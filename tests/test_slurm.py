@@ -92,7 +92,7 @@ def test_killed_job_is_resubmitted_and_store_equals_local_run(slurm, small_dir, 
     slurm.run("scancel", "--signal=KILL", "--full", job)
     log, _ = run.communicate(timeout=900)
     assert run.returncode == 0, log[-4000:]
-    assert "Trying to restart job" in log or "restart" in log.lower(), log[-4000:]
+    assert "Trying to restart job" in log, log[-4000:]  # the killed job was resubmitted
     assert "submitted with SLURM jobid" in log
     assert validate_store(str(store)) == []
     assert store_objects(str(store)) == store_objects(reference)
