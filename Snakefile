@@ -74,14 +74,13 @@ GUIDED_MARKER = f"{SAMPLES}/guided{'-pooled' if GUIDED['pooled'] else ''}.json"
 # What each job asks a cluster for (profiles/slurm); the light bookkeeping rules run where
 # snakemake runs.
 RESOURCES = config["resources"]
-SAMPLING_GPUS = RESOURCES["sampling"]["gpus"]
-if SAMPLING_GPUS is None:
-    SAMPLING_GPUS = 1 if TRAINING and TRAINING["gpus"] else 0
 SAMPLING_RESOURCES = RESOURCES["sampling"]
 SAMPLING_JOB = {
     "mem_mb": SAMPLING_RESOURCES["mem_mb"],
     "runtime": SAMPLING_RESOURCES["runtime"],
-    "gpu": SAMPLING_GPUS,
+    "gpu": SAMPLING_RESOURCES["gpus"]
+    if SAMPLING_RESOURCES["gpus"] is not None
+    else int(bool(TRAINING and TRAINING["gpus"])),
 }
 
 # Training: one SLURM task per node, each running `accelerate launch` for its GPUs (`--gres` is per
