@@ -253,15 +253,20 @@ def cmd_launch_train(args) -> None:
     config = _training_config(args)
     code = launch(config["training"], _train_args(args))
     if code is None:
-        cmd_train(args)
+        _train(config)
     elif code:
         sys.exit(code)
 
 
 def cmd_train(args) -> None:
+    _train(_training_config(args))
+
+
+def _train(config: dict) -> None:
+    """Train in this process (one rank of a launch, or the whole run) and say what was made."""
     from training.train import train
 
-    out = train(_training_config(args))
+    out = train(config)
     if os.environ.get("RANK", "0") == "0":  # once, not per process of `accelerate launch`
         record = json.loads((out / "featinv_training.json").read_text())
         previews = sorted((out / "previews").glob("*.png"))
