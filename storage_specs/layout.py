@@ -8,6 +8,7 @@ whole shards and writes each in one go; a shard counts only once its commit reco
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +121,7 @@ def create_store(
     root.attrs.update(
         {
             "featinv_spec": SPEC_VERSION,
+            "store_id": uuid.uuid4().hex,  # which store this is: another one at the URL differs
             "complete": False,
             "n_samples": n,
             "shard_size": shard_size,
