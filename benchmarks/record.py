@@ -72,18 +72,19 @@ def counted_requests() -> Iterator[Requests]:
     Object stores bill and throttle per request, so what scales a trainer's load on S3 is the
     requests per batch, not the bytes alone.
     """
-    original = ChunkReader._get
+    original = ChunkReader._read_ranges
     requests = Requests()
 
-    async def counting(self: ChunkReader, shard: int, start: int, stop: int | None) -> bytes:
-        data = await original(self, shard, start, stop)
-        key = (self.arr.path, "index" if stop is None else "chunks")
-        requests.counts[key] += 1
-        requests.nbytes[key] += len(data)
-        return data
+    def counting(self: ChunkReader, ranges: list) -> list[bytes]:
+        blobs = original(self, ranges)
+        for (_, _, stop), data in zip(ranges, blobs, strict=True):
+            key = (self.arr.path, "index" if stop is None else "chunks")
+            requests.counts[key] += 1
+            requests.nbytes[key] += len(data)
+        return blobs
 
-    ChunkReader._get = counting
+    ChunkReader._read_ranges = counting
     try:
         yield requests
     finally:
-        ChunkReader._get = original
+        ChunkReader._read_ranges = original

@@ -1,22 +1,30 @@
 """Shard-aware random access: many (sample, view) chunks of one array per call.
 
 Plain zarr reads a chunk of a sharded array by first fetching the shard's index, every time, one
-chunk after another.  Training reads random batches, so this reader caches each shard index after
-its first use, fetches the chunks' byte ranges concurrently (which is what matters on object
-storage), and decodes them with numcodecs, verifying each chunk's crc32c.  Arrays with other
-codec chains (lossy filters) fall back to zarr's own per-chunk reads.
+chunk after another.  Training reads random batches, so this reader keeps every shard index it has
+read in one table (a batch's lookups are one numpy indexing), reads nearby chunks of a shard as one
+byte range (local files synchronously with `os.pread`; object stores concurrently through zarr's
+store), then checks each chunk's crc32c and decodes it straight into the batch, in threads (the
+codecs release the GIL).  The decoders are numcodecs', chosen by the array's codec
+metadata; chains without one (e.g. the quantize serializer) fall back to zarr's per-chunk reads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import os
-from pathlib import Path
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
+import numcodecs
+import numcodecs.blosc
+import numcodecs.zstd
 import numpy as np
 import zarr
-from numcodecs import Blosc
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -25,8 +33,34 @@ from zarr.storage import LocalStore
 from storage_specs.layout import shard_key
 
 EMPTY = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
-MAX_GAP = 1 << 20  # bytes of unwanted data worth reading to save a request
-BLOSC = Blosc()  # decoding reads the codec settings from each chunk's own header
+MAX_GAP = 1 << 20  # bytes of unwanted data worth reading to save an object store request
+LOCAL_GAP = 0  # locally a read costs less than copying unwanted bytes: only touching chunks merge
+THREADS = min(8, len(os.sched_getaffinity(0)))  # decoding threads per batch, the caller's included
+PER_THREAD = 8  # fewer chunks than this per thread: handing them over costs more than it saves
+# `decode(source, dest=None)` of byte codecs that read every setting they need from the frame.
+DECODERS = {"blosc": numcodecs.blosc.decompress, "zstd": numcodecs.zstd.decompress,
+            "gzip": numcodecs.GZip().decode}  # fmt: skip
+Decoder = Callable[..., object]
+
+INDEX_CODECS = [("bytes", "little"), ("crc32c", None)]  # the sharding index this reader parses
+Range = tuple[int, int, int | None]  # shard, start, stop (stop None: the last -start bytes)
+
+
+@functools.cache
+def _pool(pid: int) -> ThreadPoolExecutor:
+    """This process's decoding threads (a forked DataLoader worker starts its own)."""
+    return ThreadPoolExecutor(THREADS - 1, thread_name_prefix="featinv-decode")
+
+
+def _decoder(codec: dict) -> Decoder | None:
+    """numcodecs' `decode(source, dest=None)` of one zarr v3 codec entry, None if there is none."""
+    name, config = codec["name"], codec.get("configuration", {})
+    if name.startswith("numcodecs."):  # zarr's numcodecs wrappers carry numcodecs' own config
+        try:
+            return numcodecs.get_codec({"id": name.removeprefix("numcodecs."), **config}).decode
+        except (ValueError, TypeError):
+            return None
+    return DECODERS.get(name)
 
 
 class ChunkReader:
@@ -37,96 +71,189 @@ class ChunkReader:
         self.store = arr.store_path.store
         self.chunk_shape = arr.chunks[2:]
         self.dtype = arr.dtype
-        self.indexes: dict[int, np.ndarray] = {}
-        self.fast = self._fast_codecs(arr.metadata.to_dict()["codecs"])
-        # Local files are read directly: zarr's store API costs a thread hop per range request,
+        n_shards = -(-arr.shape[0] // arr.shards[0])
+        # Offset and size of every chunk, filled shard by shard (untouched pages of zeros are free).
+        self.table = np.zeros((n_shards, *arr.shards[:2], 2), np.uint64)
+        self.loaded = np.zeros(n_shards, bool)
+        chain = self._chain(arr.metadata.to_dict()["codecs"])
+        self.fast = chain is not None
+        self.filters, self.compressors, self.crc = chain or ([], [], False)
+        # Local files are read directly: zarr's store API costs an event-loop round trip per call,
         # more than reading the bytes (RESULTS.md, section 3).
-        self.local_root = Path(self.store.root) if isinstance(self.store, LocalStore) else None
+        self.local_root = str(self.store.root) if isinstance(self.store, LocalStore) else None
+        self.max_gap = MAX_GAP if self.local_root is None else LOCAL_GAP
 
     @staticmethod
-    def _fast_codecs(codecs: list) -> bool:
-        """Whether the chain is the spec's default (bytes -> blosc -> crc32c), decoded here."""
+    def _chain(codecs: list) -> tuple[list[Decoder], list[Decoder], bool] | None:
+        """(filters, compressors, crc32c at the end) if this reader decodes the chain itself:
+        sharding with a checked index at the end, over numcodecs filters, bytes in native order,
+        numcodecs compressors and (as SPEC.md requires) crc32c; None for zarr to decode."""
         if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-            return False
-        inner = [c["name"] for c in codecs[0]["configuration"]["codecs"]]
-        location = codecs[0]["configuration"].get("index_location", "end")
-        return inner == ["bytes", "blosc", "crc32c"] and location == "end"
+            return None
+        config = codecs[0]["configuration"]
+        index = [
+            (c["name"], c.get("configuration", {}).get("endian")) for c in config["index_codecs"]
+        ]
+        if config.get("index_location", "end") != "end" or index != INDEX_CODECS:
+            return None
+        inner = config["codecs"]
+        crc = inner[-1]["name"] == "crc32c"
+        inner = inner[:-1] if crc else inner
+        names = [c["name"] for c in inner]
+        if names.count("bytes") != 1:
+            return None
+        at = names.index("bytes")
+        if inner[at].get("configuration", {}).get("endian", sys.byteorder) != sys.byteorder:
+            return None
+        decoders = [_decoder(c) for i, c in enumerate(inner) if i != at]
+        return None if None in decoders else (decoders[:at], decoders[at:], crc)
 
     async def _get(self, shard: int, start: int, stop: int | None) -> bytes:
-        """Bytes [start, stop) of a shard object; a negative start without stop is a suffix."""
-        key = shard_key(self.arr, shard)
-        if self.local_root is not None:
-            try:
-                with open(self.local_root / key, "rb") as f:
-                    f.seek(start, os.SEEK_END if start < 0 else os.SEEK_SET)
-                    return f.read(-1 if stop is None else stop - start)
-            except FileNotFoundError:
-                return b""
+        """Bytes of one range of a shard object through the store (b"": no such object)."""
         request = SuffixByteRequest(-start) if stop is None else RangeByteRequest(start, stop)
-        buf = await self.store.get(key, default_buffer_prototype(), request)
+        try:
+            buf = await self.store.get(
+                shard_key(self.arr, shard), default_buffer_prototype(), request
+            )
+        except OSError:
+            if stop is not None:
+                raise
+            return b""  # an object shorter than the suffix asked for: reported as a bad index
         return buf.to_bytes() if buf is not None else b""
 
-    async def _index(self, shard: int) -> np.ndarray:
-        if shard not in self.indexes:
-            n_chunks = int(np.prod(self.arr.shards[:2]))
-            size = n_chunks * 16 + 4
+    def _read_local(self, ranges: list[Range]) -> list[bytes]:
+        """Bytes of each range from the shard files, each file opened once (b"": no such file)."""
+        out = []
+        for shard, group in itertools.groupby(ranges, key=lambda r: r[0]):
             try:
-                raw = await self._get(shard, -size, None)
-            except OSError:  # shorter than an index
-                raw = b""
-            if len(raw) != size or crc32c.crc32c(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
-                raise OSError(f"{self.arr.path} shard {shard}: missing or corrupt shard index")
-            self.indexes[shard] = np.frombuffer(raw[:-4], "<u8").reshape((*self.arr.shards[:2], 2))
-        return self.indexes[shard]
-
-    async def _fetch(self, items: list[tuple[int, int]]) -> list[bytes | None]:
-        """Compressed bytes of each chunk, checksum verified (None: never written).
-
-        Chunks of one shard that lie within MAX_GAP bytes of each other are fetched in one
-        request: a random batch from a small store touches few shards, from a large one one
-        chunk per request, concurrently either way.
-        """
-        shards = sorted({row // self.arr.shards[0] for row, _ in items})
-        await asyncio.gather(*(self._index(shard) for shard in shards))
-        spans = []
-        for pos, (row, view) in enumerate(items):
-            shard, local = divmod(row, self.arr.shards[0])
-            offset, nbytes = self.indexes[shard][local, view]
-            if offset != EMPTY:
-                spans.append((shard, int(offset), int(offset + nbytes), pos))
-        spans.sort()
-        runs: list[list[tuple]] = []
-        for span in spans:
-            if runs and runs[-1][-1][0] == span[0] and span[1] - runs[-1][-1][2] <= MAX_GAP:
-                runs[-1].append(span)
-            else:
-                runs.append([span])
-        blobs = await asyncio.gather(
-            *(self._get(run[0][0], run[0][1], max(s[2] for s in run)) for run in runs)
-        )
-        out: list[bytes | None] = [None] * len(items)
-        for run, blob in zip(runs, blobs, strict=True):
-            for _, start, stop, pos in run:
-                raw = blob[start - run[0][1] : stop - run[0][1]]
-                if crc32c.crc32c(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
-                    row, view = items[pos]
-                    raise OSError(f"{self.arr.path} row {row} view {view}: chunk checksum mismatch")
-                out[pos] = raw[:-4]
+                fd = os.open(os.path.join(self.local_root, shard_key(self.arr, shard)), os.O_RDONLY)
+            except FileNotFoundError:
+                out.extend(b"" for _ in group)
+                continue
+            try:
+                for _, start, stop in group:
+                    if stop is None:
+                        size = os.fstat(fd).st_size
+                        start, stop = max(size + start, 0), size
+                    out.append(os.pread(fd, stop - start, start))
+            finally:
+                os.close(fd)
         return out
 
-    def decode(self, raw: bytes | None) -> np.ndarray:
-        if raw is None:
-            return np.zeros(self.chunk_shape, self.dtype)  # a skipped row: the fill value
-        return np.frombuffer(BLOSC.decode(raw), self.dtype).reshape(self.chunk_shape)
+    def _read_ranges(self, ranges: list[Range]) -> list[bytes]:
+        """Bytes of each range: local files in place, object stores all at once, concurrently."""
+        if self.local_root is not None:
+            return self._read_local(ranges)
+        return sync(self._get_all(ranges))
 
-    def fetch(self, items: list[tuple[int, int]]) -> list[bytes | None]:
-        """Compressed payloads of the chunks (what `read` decodes), e.g. to time the codec."""
-        return sync(self._fetch(list(items)))
+    async def _get_all(self, ranges: list[Range]) -> list[bytes]:
+        return await asyncio.gather(*(self._get(*r) for r in ranges))
 
-    def read(self, items: list[tuple[int, int]]) -> np.ndarray:
+    def _load_indexes(self, shards: np.ndarray) -> None:
+        size = self.table[0].nbytes + 4
+        raws = self._read_ranges([(int(shard), -size, None) for shard in shards])
+        for shard, raw in zip(shards, raws, strict=True):
+            if len(raw) != size or crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+                raise OSError(f"{self.arr.path} shard {shard}: missing or corrupt shard index")
+            self.table[shard] = np.frombuffer(raw[:-4], "<u8").reshape(self.table.shape[1:])
+            self.loaded[shard] = True
+
+    def _pairs(self, items: Sequence[tuple[int, int]] | np.ndarray) -> np.ndarray:
+        """Items as an `[n, 2]` array of (row, view), IndexError naming one out of range."""
+        pairs = np.asarray(items, dtype=np.int64).reshape(-1, 2)
+        bad = (pairs < 0).any(axis=1) | (pairs >= self.arr.shape[:2]).any(axis=1)
+        if bad.any():
+            row, view = pairs[bad][0]
+            raise IndexError(
+                f"{self.arr.path}: (row {row}, view {view}) out of {self.arr.shape[:2]}"
+            )
+        return pairs
+
+    def _chunks(self, pairs: np.ndarray) -> list[memoryview | None]:
+        """Each chunk's stored bytes, checksum included (None: never written).
+
+        Chunks of one shard that lie within `max_gap` bytes of each other are read as one range:
+        on object stores a random batch from a small store costs few requests, from a large one
+        about one per chunk, all concurrent.
+        """
+        shards, local = np.divmod(pairs[:, 0], self.arr.shards[0])
+        self._load_indexes(np.unique(shards[~self.loaded[shards]]))
+        entries = self.table[shards, local, pairs[:, 1]]
+        written = np.flatnonzero(entries[:, 0] != EMPTY)
+        starts = entries[written, 0].astype(np.int64)
+        stops = starts + entries[written, 1].astype(np.int64)
+        order = np.lexsort((starts, shards[written]))  # chunks of a shard never overlap
+        shard, start, stop = shards[written][order], starts[order], stops[order]
+        first = np.ones(len(order), bool)
+        first[1:] = (shard[1:] != shard[:-1]) | (start[1:] - stop[:-1] > self.max_gap)
+        heads = np.flatnonzero(first)
+        run_start = start[heads]
+        ranges = zip(shard[heads].tolist(), run_start.tolist(),
+                     np.maximum.reduceat(stop, heads).tolist(), strict=True)  # fmt: skip
+        blobs = [memoryview(blob) for blob in self._read_ranges(list(ranges))]
+        run = np.cumsum(first) - 1
+        out: list[memoryview | None] = [None] * len(pairs)
+        for pos, r, lo, hi in zip(written[order].tolist(), run.tolist(),
+                                  (start - run_start[run]).tolist(),
+                                  (stop - run_start[run]).tolist(), strict=True):  # fmt: skip
+            out[pos] = blobs[r][lo:hi]
+        return out
+
+    def _payload(self, raw: memoryview, pair: np.ndarray) -> memoryview:
+        """The chunk's encoded bytes, once its crc32c matches."""
+        if not self.crc:
+            return raw
+        if crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+            raise OSError(f"{self.arr.path} row {pair[0]} view {pair[1]}: chunk checksum mismatch")
+        return raw[:-4]
+
+    def _decode(self, raw: memoryview, pair: np.ndarray, dest: np.ndarray) -> None:
+        """Check and decode one chunk into `dest`, its place in the batch."""
+        data = self._payload(raw, pair)
+        for decode in reversed(self.compressors[1:]):
+            data = decode(data)
+        if self.compressors:
+            self.compressors[0](data, dest)
+        else:
+            dest[...] = np.frombuffer(data, dest.dtype).reshape(dest.shape)
+        for decode in reversed(self.filters):
+            dest[...] = np.asarray(decode(dest)).view(dest.dtype).reshape(dest.shape)
+
+    def _decode_all(
+        self, chunks: list, pairs: np.ndarray, out: np.ndarray, which: np.ndarray
+    ) -> None:
+        for pos in which.tolist():
+            if chunks[pos] is None:
+                out[pos] = self.arr.fill_value  # a skipped row
+            else:
+                self._decode(chunks[pos], pairs[pos], out[pos])
+
+    def fetch(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
+        """Encoded payloads of the chunks, checked (what `read` decodes), e.g. to time the codec."""
+        pairs = self._pairs(items)
+        chunks = self._chunks(pairs)
+        return [
+            None if c is None else bytes(self._payload(c, p))
+            for c, p in zip(chunks, pairs, strict=True)
+        ]
+
+    def read(self, items: Sequence[tuple[int, int]] | np.ndarray) -> np.ndarray:
         """`[len(items), *per_view_shape]` for (row, view) pairs, in the order given."""
-        if not items:
-            return np.zeros((0, *self.chunk_shape), self.dtype)
+        pairs = self._pairs(items)
+        out = np.empty((len(pairs), *self.chunk_shape), self.dtype)
+        if not len(pairs):
+            return out
         if not self.fast:
-            return np.stack([self.arr[row, view] for row, view in items])
-        return np.stack([self.decode(raw) for raw in self.fetch(items)])
+            return np.stack([self.arr[row, view] for row, view in pairs.tolist()])
+        chunks = self._chunks(pairs)
+        parts = np.array_split(
+            np.arange(len(pairs)), max(1, min(THREADS, len(pairs) // PER_THREAD))
+        )
+        futures = [_pool(os.getpid()).submit(self._decode_all, chunks, pairs, out, part)
+                   for part in parts[1:]]  # fmt: skip
+        try:
+            self._decode_all(chunks, pairs, out, parts[0])
+        finally:
+            for future in futures:
+                future.result()  # raises a thread's checksum error
+        return out

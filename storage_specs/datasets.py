@@ -69,16 +69,24 @@ class PairDataset(torch.utils.data.Dataset):
         sample, view = divmod(int(index), len(self.views))
         return int(self.rows[sample]), self.views[view]
 
+    def pairs(self, indices: Sequence[int]) -> np.ndarray:
+        """The `[len(indices), 2]` (row, view) pairs of items `indices`."""
+        indices = np.asarray(indices, dtype=np.int64)
+        outside = (indices < 0) | (indices >= len(self))
+        if outside.any():
+            raise IndexError(int(indices[outside][0]))
+        sample, view = np.divmod(indices, len(self.views))
+        return np.stack([self.rows[sample], np.asarray(self.views, np.int64)[view]], axis=1)
+
     def read_batch(self, indices: Sequence[int]) -> dict:
         """Items `indices` stacked: `[B, ...]` tensors per array, `row`/`view` tensors, `key`."""
-        items = [self.item(i) for i in indices]
+        pairs = self.pairs(indices)
         batch = {
-            name: torch.from_numpy(self._reader(path).read(items))
+            name: torch.from_numpy(self._reader(path).read(pairs))
             for name, path in self.arrays.items()
         }
-        batch["row"] = torch.tensor([row for row, _ in items], dtype=torch.long)
-        batch["view"] = torch.tensor([view for _, view in items], dtype=torch.long)
-        batch["key"] = [str(self.keys[row]) for row, _ in items]
+        batch["row"], batch["view"] = torch.from_numpy(pairs.T.copy())
+        batch["key"] = self.keys[pairs[:, 0]].tolist()
         return batch
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
