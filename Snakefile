@@ -4,7 +4,7 @@
 `snakemake all` does all of them.
 
 plan (checkpoint: list the source, create/resume the store)
-  -> extract_shard (one job per shard x group; commits its shard in the store)
+  -> extract_shard (one job per run of shards x group; commits each shard in the store)
   -> finalize_<stage> (gather commits, validate every chunk, statistics, consolidate, summary)
   -> train (reads the finished store only; resumes from its own checkpoints)
 
@@ -179,13 +179,17 @@ checkpoint plan:
 
 
 rule extract_shard:
+    """A run of shards of one group (pipeline.extract.shard_batches): models load once per job and
+    each shard is committed in the store as soon as it is whole, so a rerun of a killed job redoes
+    only its uncommitted shards."""
     input:
         config=CONFIG_JSON,
         plan=f"{WORK}/plan.json",
     output:
-        f"{WORK}/shards/{{group}}/{{shard}}.json",
+        f"{WORK}/shards/{{group}}/{{first}}-{{last}}.json",
     wildcard_constraints:
-        shard=r"\d+",
+        first=r"\d+",
+        last=r"\d+",
     threads: config["threads"]
     resources:
         mem_mb=RESOURCES["extract"]["mem_mb"],
@@ -193,15 +197,17 @@ rule extract_shard:
         gpu=RESOURCES["extract"]["gpus"],
     shell:
         "{FEATINV} extract-shard {input.config} --group {wildcards.group} "
-        "--shard {wildcards.shard} --threads {threads} --out {output}"
+        "--shard {wildcards.first}-{wildcards.last} --threads {threads} --out {output}"
 
 
 def shard_markers(wildcards):
+    from pipeline.extract import shard_batches
+
     plan = json.loads(Path(checkpoints.plan.get().output[0]).read_text())
     return [
-        f"{WORK}/shards/{group}/{shard}.json"
+        f"{WORK}/shards/{group}/{first}-{last}.json"
         for group in plan["stages"][wildcards.stage]
-        for shard in range(plan["n_shards"])
+        for first, last in shard_batches(plan["n_shards"])
     ]
 
 

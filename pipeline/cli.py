@@ -84,14 +84,26 @@ def cmd_plan(args) -> None:
 
 
 def cmd_extract_shard(args) -> None:
-    from pipeline.extract import extract_shard
+    from pipeline.extract import extract_shards
 
     config = _load_config(args.config)
     if args.threads:
         config["threads"] = args.threads
-    record = extract_shard(config, args.group, args.shard)
+    records = extract_shards(config, args.group, [shard for run in args.shard for shard in run])
     if args.out:
-        _write_json_atomic(args.out, record)
+        _write_json_atomic(args.out, records)
+
+
+def _shard_run(text: str) -> range:
+    """`--shard 7` or an inclusive run `--shard 0-7`."""
+    first, _, last = text.partition("-")
+    try:
+        shards = range(int(first), int(last or first) + 1)
+    except ValueError:
+        shards = range(0)
+    if not shards or shards.start < 0:
+        raise argparse.ArgumentTypeError(f"not a shard number or a run A-B of them: '{text}'")
+    return shards
 
 
 def cmd_finalize(args) -> None:
@@ -297,12 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("plan", cmd_plan, "list the source and create/resume the store")
     p.add_argument("config")
     p.add_argument("--out", help="write the plan JSON here (Snakemake checkpoint)")
-    p = add("extract-shard", cmd_extract_shard, "extract and commit one shard of one group")
+    p = add("extract-shard", cmd_extract_shard, "extract and commit shards of one group")
     p.add_argument("config")
     p.add_argument("--group", default="main")
-    p.add_argument("--shard", type=int, required=True)
+    p.add_argument(
+        "--shard", type=_shard_run, action="append", required=True,
+        help="a shard or a run of them (0-7), repeatable: one job, models loaded once",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default: the config's)")
-    p.add_argument("--out", help="write the commit record here (Snakemake marker)")
+    p.add_argument("--out", help="write the commit records here (Snakemake marker)")
     p = add("finalize", cmd_finalize, "gather commits, validate, consolidate, summarise")
     p.add_argument("config")
     p.add_argument(

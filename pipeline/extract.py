@@ -1,21 +1,30 @@
-"""Extract one shard for one group: decode -> views -> prepare -> encode -> write -> commit.
+"""Extract shards of one group: decode -> views -> prepare -> encode -> write -> commit.
 
-Images are read and decoded once, in DataLoader worker processes that overlap with the forward
-passes; each encoder of the group (backbones, targets) prepares its inputs for every view of the
-sample there.  Rows are kept in memory and each array's shard is written in one go (zarr's write
-unit), then the commit record is written last: a shard is either committed and complete, or
-absent and redone whole by the next run.
+One job extracts a contiguous run of shards (`shard_batches`): its models load and its decode
+workers start once.  Images are read and decoded once, in DataLoader worker processes that overlap
+with the forward passes; each encoder of the group (backbones, targets) prepares its inputs for
+every view of the sample there.  A writer thread compresses each batch's rows as soon as the
+forward has made them (zarr's own codecs, into an in-memory copy of the array) and, once a shard
+is whole, stores each array's shard as one object (zarr's write unit), then the shard's commit
+record: a shard is either committed and complete, or absent and redone whole by the next run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import islice, pairwise
 
 import numpy as np
 import torch
+import zarr
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
 from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits, SkipSample, decode_image
@@ -28,11 +37,11 @@ from storage_specs.layout import (
     is_lossy,
     open_root,
     read_commit,
+    shard_key,
     shard_range,
     stored_arrays,
     write_commit,
     write_reference,
-    write_shard,
 )
 
 Prepare = Callable[[Image.Image, np.ndarray], torch.Tensor]  # (image, views) -> [K, ...]
@@ -108,10 +117,30 @@ def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 REFERENCE_ROWS = 4  # exact samples kept beside each lossy array (by the job of shard 0)
+SHARDS_PER_JOB = 8  # at most, per extraction job (Snakemake rule extract_shard, run_all)
+
+
+def shard_batches(n_shards: int) -> list[tuple[int, int]]:
+    """The shards of a group as contiguous (first, last) runs, one job each: as few jobs as
+    SHARDS_PER_JOB allows, of near-equal sizes; the same for a given store on every run."""
+    jobs = -(-n_shards // SHARDS_PER_JOB)
+    bounds = [job * n_shards // jobs for job in range(jobs + 1)]
+    return [(first, stop - 1) for first, stop in pairwise(bounds)]
+
+
+def staging_array(arr: zarr.Array) -> zarr.Array:
+    """An empty in-memory array with `arr`'s metadata at `arr`'s path: writing rows into it runs
+    the store's codecs on just those chunks, and its shard objects are the bytes a write of the
+    whole shard into `arr` would store."""
+    store = MemoryStore()
+    metadata = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
+    sync(store.set(f"{arr.path}/zarr.json", metadata))
+    return zarr.open_array(store, path=arr.path, mode="r+", zarr_format=3)
 
 
 class ShardWriter:
-    """In-memory rows of every array of the group, written to the store in one go per array.
+    """One shard of every array of the group: rows are compressed batch by batch (`encode`, in
+    the writer thread) and stored as one object per array (`flush`).
 
     For lossy arrays, the job of shard 0 also keeps the exact values of its first few samples
     (`reference/...`), so the validator can measure the error that was really committed.
@@ -122,7 +151,9 @@ class ShardWriter:
         paths = [p for p in stored_arrays(root) if root[p].attrs["group"] == group]
         if not paths:
             raise StoreError(f"no arrays of group '{group}' in the store: run the plan step first")
+        self.start = shard_range(shard, root.attrs["shard_size"], root.attrs["n_samples"])[0]
         self.buffers = {p: np.zeros((n_rows, *root[p].shape[1:]), root[p].dtype) for p in paths}
+        self.staged = {p: staging_array(root[p]) for p in paths}
         lossy = [p for p in paths if is_lossy(root[p])] if shard == 0 else []
         self.references: dict[str, list] = {p: [] for p in lossy}
 
@@ -141,9 +172,19 @@ class ShardWriter:
             kept += list(zip(rows, values.float().cpu().numpy(), strict=True))
             del kept[REFERENCE_ROWS:]
 
+    def encode(self, lo: int, hi: int) -> None:
+        """Compress rows [lo, hi) of the shard (rows of skipped samples stay fill values)."""
+        for path, staged in self.staged.items():
+            staged[self.start + lo : self.start + hi] = self.buffers[path][lo:hi]
+
     def flush(self) -> None:
-        for path, buffer in self.buffers.items():
-            write_shard(self.root[path], self.shard, buffer)
+        """Store each array's shard object whole (one PUT each); a shard with no data deletes
+        what an interrupted job may have left there."""
+        for path, staged in self.staged.items():
+            key = shard_key(staged, self.shard)
+            data = sync(staged.store_path.store.get(key, default_buffer_prototype()))
+            store = self.root[path].store_path.store
+            sync(store.delete(key) if data is None else store.set(key, data))
         for path, kept in self.references.items():
             if kept:
                 rows = [int(row) for row, _ in kept]
@@ -169,73 +210,118 @@ def autocast_for(mode: str | bool, device: torch.device) -> Callable:
 
 
 def extract_shard(config: dict, group: str, shard: int, progress: bool = True) -> dict:
-    """Extract and commit one shard of one group; returns its commit record.
+    """Extract and commit one shard of one group; returns its commit record."""
+    return extract_shards(config, group, [shard], progress)[0]
 
-    A shard that is already committed in the store is not redone (resume is a property of the
-    store, not of Snakemake's bookkeeping).
+
+def extract_shards(
+    config: dict, group: str, shards: Sequence[int], progress: bool = True
+) -> list[dict]:
+    """Extract and commit shards of one group in one job; returns their commit records.
+
+    Shards already committed in the store are not redone (resume is a property of the store, not
+    of Snakemake's bookkeeping), so an interrupted job's rerun does only the rest.
     """
     root = open_root(config["store"], mode="r+")
-    done = read_commit(root, group, shard)
-    if done is not None:
-        return done
-    start, stop = shard_range(shard, root.attrs["shard_size"], root.attrs["n_samples"])
+    records = {shard: read_commit(root, group, shard) for shard in shards}
+    todo = [shard for shard, record in records.items() if record is None]
+    if todo:
+        records |= _extract(config, root, group, todo, progress)
+    return [records[shard] for shard in shards]
+
+
+def _extract(config: dict, root, group: str, shards: list[int], progress: bool) -> dict:
+    ranges = [shard_range(s, root.attrs["shard_size"], root.attrs["n_samples"]) for s in shards]
     torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
     encoders = load_encoders(config, group, str(device))
     if not encoders:
         raise StoreError(f"no backbones or targets in group '{group}'")
-    writer = ShardWriter(root, group, shard, stop - start)
-    items = {
-        "uris": [with_credentials(u, config["source"]) for u in root["samples/source"][start:stop]],
-        "keys": root["samples/key"][start:stop].tolist(),
-    }
     views = ViewSpec.from_config(root.attrs["views"])
-    meta = _run(config, encoders, items, views, writer, autocast_for(config["autocast"], device),
-                progress)  # fmt: skip
-    writer.flush()
-    record = {
-        "group": group,
-        "shard": shard,
-        "start": start,
-        "stop": stop,
-        "arrays": sorted(writer.buffers),
-        "n_valid": sum(1 for error in meta["error"] if not error),
-        **meta,
-    }
-    write_commit(root, group, shard, record)
-    return record
-
-
-def _run(config: dict, encoders: list[Encoder], items: dict, views: ViewSpec,
-         writer: ShardWriter, autocast, progress: bool) -> dict:  # fmt: skip
-    n = len(items["uris"])
-    dataset = ShardImages(items["uris"], items["keys"], {e.name: e.prepare for e in encoders},
-                          views, ImageLimits(**config["image_limits"]))  # fmt: skip
+    sources = np.concatenate([root["samples/source"][start:stop] for start, stop in ranges])
+    keys = np.concatenate([root["samples/key"][start:stop] for start, stop in ranges])
+    dataset = ShardImages([with_credentials(u, config["source"]) for u in sources], keys.tolist(),
+                          {e.name: e.prepare for e in encoders}, views,
+                          ImageLimits(**config["image_limits"]))  # fmt: skip
     loader = DataLoader(
         dataset,
         batch_size=None,
         num_workers=config["num_workers"],
         prefetch_factor=2 * config["batch_size"] if config["num_workers"] else None,
     )
-    blank = np.zeros((views.count, 5), np.float32)
-    meta = {"height": [0] * n, "width": [0] * n, "error": [""] * n, "views": [blank] * n}
-    batch: list[dict] = []
-    bar = tqdm(total=n, unit="img", disable=not progress, desc="extract")
-    for sample in loader:
-        for field in meta:
-            if sample[field] is not None:
-                meta[field][sample["row"]] = sample[field]
-        if sample["inputs"] is None:
-            bar.update()
-            continue
-        batch.append(sample)
-        if len(batch) == config["batch_size"]:
-            run_batch(encoders, batch, writer, autocast)
-            bar.update(len(batch))
-            batch = []
-    if batch:
-        run_batch(encoders, batch, writer, autocast)
-        bar.update(len(batch))
+    samples = iter(loader)
+    bar = tqdm(total=len(keys), unit="img", disable=not progress, desc="extract")
+    job = Job(encoders, config["batch_size"], views.count, autocast_for(config["autocast"], device),
+              bar)  # fmt: skip
+    records, committing, offset = {}, None, 0
+    with ThreadPoolExecutor(1, thread_name_prefix="featinv-writer") as thread:
+        for shard, (start, stop) in zip(shards, ranges, strict=True):
+            writer = ShardWriter(root, group, shard, stop - start)
+            encoded, meta = job.run_shard(islice(samples, stop - start), offset, writer, thread)
+            offset += stop - start
+            records[shard] = {
+                "group": group,
+                "shard": shard,
+                "start": start,
+                "stop": stop,
+                "arrays": sorted(writer.buffers),
+                "n_valid": sum(1 for error in meta["error"] if not error),
+                **meta,
+            }
+            if committing is not None:
+                committing.result()  # at most one shard is written behind the forward
+            committing = thread.submit(_commit, writer, encoded, records[shard])
+        committing.result()
     bar.close()
-    meta["views"] = [np.asarray(v, np.float32).tolist() for v in meta["views"]]
-    return meta
+    return records
+
+
+def _commit(writer: ShardWriter, encoded: list[Future], record: dict) -> None:
+    """Store the shard, then its commit record: only once every batch is in (commit last)."""
+    for batch in encoded:
+        batch.result()
+    writer.flush()
+    write_commit(writer.root, record["group"], record["shard"], record)
+
+
+@dataclass
+class Job:
+    """The forward passes of a job's shards, in batches that never cross a shard."""
+
+    encoders: list[Encoder]
+    batch_size: int
+    n_views: int
+    autocast: Callable
+    bar: tqdm
+
+    def run_shard(self, samples: Iterable[dict], offset: int, writer: ShardWriter,
+                  thread: ThreadPoolExecutor) -> tuple[list[Future], dict]:  # fmt: skip
+        """Encode one shard's samples (job rows from `offset`), handing each batch's rows to the
+        writer thread; returns those tasks and the shard's per-sample metadata."""
+        n = len(next(iter(writer.buffers.values())))
+        blank = np.zeros((self.n_views, 5), np.float32)
+        meta = {"height": [0] * n, "width": [0] * n, "error": [""] * n, "views": [blank] * n}
+        batch: list[dict] = []
+        encoded = []
+        for sample in samples:
+            sample["row"] -= offset
+            for field in meta:
+                if sample[field] is not None:
+                    meta[field][sample["row"]] = sample[field]
+            if sample["inputs"] is None:
+                self.bar.update()
+                continue
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                encoded.append(self.run_batch(batch, writer, thread))
+                batch = []
+        if batch:
+            encoded.append(self.run_batch(batch, writer, thread))
+        meta["views"] = [np.asarray(v, np.float32).tolist() for v in meta["views"]]
+        return encoded, meta
+
+    def run_batch(self, batch: list[dict], writer: ShardWriter,
+                  thread: ThreadPoolExecutor) -> Future:  # fmt: skip
+        run_batch(self.encoders, batch, writer, self.autocast)
+        self.bar.update(len(batch))
+        return thread.submit(writer.encode, batch[0]["row"], batch[-1]["row"] + 1)

@@ -1,10 +1,10 @@
 """The whole workflow in one process, without Snakemake: plan, extract every shard of every group,
 finalize.  For notebooks, tests and benchmarks on small collections; Snakemake runs the same
-functions as separate, resumable, parallel jobs."""
+functions as separate, resumable, parallel jobs (the same runs of shards per job)."""
 
 from __future__ import annotations
 
-from pipeline.extract import extract_shard
+from pipeline.extract import extract_shards, shard_batches
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
 
@@ -13,7 +13,7 @@ def run_all(config: dict, progress: bool = False) -> str:
     """Build (or resume) the store of a validated `config`; returns its URL."""
     plan = plan_store(config)
     for group in plan["groups"]:
-        for shard in range(plan["n_shards"]):
-            extract_shard(config, group, shard, progress=progress)
+        for first, last in shard_batches(plan["n_shards"]):
+            extract_shards(config, group, range(first, last + 1), progress=progress)
     finalize_store(config["store"], progress=progress)
     return config["store"]
