@@ -1,18 +1,20 @@
-"""Store size and decode speed of real feature arrays, against raw fp32 and against bare blosc.
+"""Store size of real feature arrays against raw fp32, and the lossless chain chosen per array.
 
 Builds a store from the demo collection with the default config (``config/config.yaml``: its
-backbones, layers, views, shard size, fp16; lossless; its ``targets`` left out), through the
-stage's Python API (plan, extract, finalize).
+backbones, layers, views, shard size, fp16; lossless; its ``targets`` left out unless
+``--targets``), through the stage's Python API (plan, extract, finalize).
 
 Size, per array: stored bytes (``nbytes_stored()``: chunks, shard indexes, metadata) over raw fp32
-bytes (n_valid x per-sample elements x 4). Lossless with respect to the fp16 the stage stores.
-Goal: <= 0.45 per array. For context, the same valid rows are encoded per sample (one chunk) with
-other numcodecs Blosc settings, with their encode and decode speed.
+bytes (n_valid x per-sample elements x 4), with the store's default chain (planar). Goal: <= 0.45.
 
-Decode speed, per array: every shard read whole through ``FeatureStore.read_shard`` (zarr: shard
-index, crc32c, blosc) against pure ``numcodecs.Blosc(zstd, 9, BITSHUFFLE)`` decoding of the same
-rows, pre-encoded one chunk (one view of one sample) at a time, in memory. The two alternate over
-repeats in one process; the result is the median of per-repeat ratios zarr / blosc samples/s.
+Lossless chain, per array (issue 11), on its first shard as stored (``[shard_size, views, ...]``):
+bytes zarr stores for it (chunks, crc32c, shard index) with each of the four references, blosc
+zstd clevel 5 (zstd 9) or 9 (zstd 22) with byte- or bit-shuffle, and with each chain of
+``storage_specs.codecs.SHUFFLES``; the chain ``choose_lossless`` picks and its bytes over the best
+reference's (goal <= 1.02). Speed: zarr writing (encode) and reading (decode) that shard in memory
+with the chosen chain and with the old one (blosc zstd clevel 5 bit-shuffle), alternating over
+repeats in one process, ``--passes`` per timing; the median of per-repeat ratios old time / chosen
+time (goal >= 1.0 for encode).
 
 Usage: ``.venv/bin/python benchmarks/compression.py [--repeats 5] [--passes 10]``
 ``[--config PATH] [--targets] [--json PATH]`` (another config's encoders; its targets too;
@@ -30,24 +32,32 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from numcodecs import Blosc, blosc
+import zarr
+from numcodecs import Blosc, blosc, get_codec
 from record import write_result
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.config import validate_config
 from pipeline.demo import build_demo_images
 from pipeline.extract import extract_shard
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
+from storage_specs.codecs import (
+    SHUFFLES,
+    choose_lossless,
+    lossless_compressors,
+    memory_shard,
+    stored_bytes,
+)
 from storage_specs.reader import FeatureStore
 
 CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
-CODECS = {  # name -> numcodecs codec; the first one is what the store uses
-    "zstd9-bit": Blosc(cname="zstd", clevel=9, shuffle=Blosc.BITSHUFFLE),
-    "zstd9-byte": Blosc(cname="zstd", clevel=9, shuffle=Blosc.SHUFFLE),
-    "zstd5-bit": Blosc(cname="zstd", clevel=5, shuffle=Blosc.BITSHUFFLE),
-    "zstd5-byte": Blosc(cname="zstd", clevel=5, shuffle=Blosc.SHUFFLE),
-    "lz4-5-bit": Blosc(cname="lz4", clevel=5, shuffle=Blosc.BITSHUFFLE),
+REFERENCES = {  # issue 11's four: blosc zstd clevel 5 (zstd 9) or 9 (zstd 22), byte or bit shuffle
+    f"{name}{clevel}": [BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle), Crc32cCodec()]
+    for clevel in (5, 9)
+    for name, shuffle in (("byte", "shuffle"), ("bit", "bitshuffle"))
 }
+OLD = "bit5"  # the chain of featinv-store/2
 # zarr runs blosc in worker threads, where numcodecs does not use blosc's own threads: same here.
 blosc.use_threads = False
 
@@ -76,14 +86,70 @@ def timed(fn: Callable[[], object], passes: int = 1) -> float:
     return (time.perf_counter() - start) / passes
 
 
-def codec_row(chunks: np.ndarray, codec: Blosc) -> tuple[float, float, float]:
-    """(compressed/raw fp32, encode MB/s, decode MB/s) of `[n, chunk]` rows; MB of fp16."""
-    start = time.perf_counter()
-    encoded = [codec.encode(row) for row in chunks]
-    t_enc = time.perf_counter() - start
-    t_dec = timed(lambda: [codec.decode(buf) for buf in encoded])
-    ratio = sum(len(buf) for buf in encoded) / (chunks.size * 4)
-    return ratio, chunks.nbytes / t_enc / 1e6, chunks.nbytes / t_dec / 1e6
+def chunk_codecs(arr: zarr.Array) -> list:
+    """The compressors of a sharded array's chunks as numcodecs codecs, read from its metadata:
+    what zarr runs per chunk, without zarr's per-chunk async machinery around it."""
+    inner = arr.metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
+    codecs = []
+    for codec in inner[1:]:  # after "bytes" (little endian, as numpy holds it here)
+        name, config = codec["name"], codec.get("configuration", {})
+        if name == "blosc":
+            shuffle = ("noshuffle", "shuffle", "bitshuffle").index(config["shuffle"])
+            codecs.append(Blosc(config["cname"], config["clevel"], shuffle, config["blocksize"],
+                                typesize=config["typesize"]))  # fmt: skip
+        else:  # numcodecs.shuffle, zstd, crc32c
+            codecs.append(get_codec({**config, "id": name.removeprefix("numcodecs.")}))
+    return codecs
+
+
+def encode(codecs: list, chunk: np.ndarray) -> bytes:
+    for codec in codecs:
+        chunk = codec.encode(chunk)
+    return chunk
+
+
+def decode(codecs: list, data: bytes) -> bytes:
+    for codec in reversed(codecs):
+        data = codec.decode(data)
+    return data
+
+
+def speedups(data: np.ndarray, chosen: list, repeats: int, passes: int) -> dict[str, float]:
+    """Median over repeats of old / chosen time: the chunk codecs encoding and decoding the
+    shard's stored chunks, and zarr writing the shard."""
+    arrays = {"old": memory_shard(data, REFERENCES[OLD])[0], "new": memory_shard(data, chosen)[0]}
+    rows = data.reshape(-1, *data.shape[2:])
+    chunks = [row for row in rows if row.any()]  # zarr stores no chunk of fill values
+    codecs = {name: chunk_codecs(arr) for name, arr in arrays.items()}
+    encoded = {name: [encode(c, chunk) for chunk in chunks] for name, c in codecs.items()}
+    stored = stored_bytes(data, chosen)  # chunks, then the index: 16 bytes a chunk, crc32c
+    assert sum(map(len, encoded["new"])) + 16 * len(rows) + 4 == stored, "not zarr's chain"
+    ops = {
+        "encode": lambda name: [encode(codecs[name], chunk) for chunk in chunks],
+        "decode": lambda name: [decode(codecs[name], buf) for buf in encoded[name]],
+        "zarr_write": lambda name: arrays[name].__setitem__(slice(None), data),
+    }
+    ratios: dict[str, list[float]] = {op: [] for op in ops}
+    for rep in range(repeats):
+        for op, fn in ops.items():
+            order = ("old", "new") if rep % 2 == 0 else ("new", "old")
+            times = {name: timed(lambda fn=fn, name=name: fn(name), passes) for name in order}
+            ratios[op].append(times["old"] / times["new"])
+    return {op: statistics.median(r) for op, r in ratios.items()}
+
+
+def lossless_choice(data: np.ndarray, repeats: int, passes: int) -> dict:
+    """Issue 11's measurement of one array's first shard (see the module docstring)."""
+    sizes = {name: stored_bytes(data, chain) for name, chain in REFERENCES.items()}
+    sizes.update({name: stored_bytes(data, lossless_compressors(name)) for name in SHUFFLES})
+    chosen = choose_lossless(data)["shuffle"]
+    return {
+        "bytes": sizes,
+        "raw_fp32_bytes": data.size * 4,
+        "chosen": chosen,
+        "chosen_over_best_reference": sizes[chosen] / min(sizes[name] for name in REFERENCES),
+        "speedup_over_old": speedups(data, lossless_compressors(chosen), repeats, passes),
+    }
 
 
 def size_record(store: FeatureStore, path: str, arr: dict, metadata: int) -> dict:
@@ -104,7 +170,7 @@ def size_record(store: FeatureStore, path: str, arr: dict, metadata: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--passes", type=int, default=10, help="reads of all shards per timing")
+    parser.add_argument("--passes", type=int, default=10, help="shard writes/reads per timing")
     parser.add_argument("--config", type=Path, default=CONFIG, help="whose encoders to store")
     parser.add_argument(
         "--targets", action="store_true",
@@ -115,12 +181,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="featinv-bench-") as tmp_dir:
         store = build_store(Path(tmp_dir), args.config, args.targets)
         info = store.describe()
-        valid = store.samples()["valid"]
         views = store.root.attrs["views"]["count"]
         print(f"{store.n_samples} samples ({info['n_valid']} valid) x {views} views;")
         print(f"  chunk = one view of one sample, shard = {store.shard_size} samples")
         print(f"\n{'array':<44} {'per sample':>10} {'stored/fp32':>11} {'data only':>9}  goal")
-        data, sizes = {}, {}
+        sizes, choices = {}, {}
         for path, arr in info["arrays"].items():
             metadata = (Path(store.url) / path / "zarr.json").stat().st_size
             ratio = arr["stored_bytes"] / arr["raw_fp32_bytes"]
@@ -129,55 +194,30 @@ def main() -> None:
             flag = "<= 0.45 ok" if ratio <= 0.45 else "ABOVE 0.45"
             print(f"{path:<44} {shape:>10} {ratio:>11.3f} {data_only:>9.3f}  {flag}")
             sizes[path] = size_record(store, path, arr, metadata)
-            size = int(np.prod(store.root[path].chunks))  # one sample-view per chunk
-            shards = [store.read_shard(path, s).reshape(-1, size) for s in range(store.n_shards)]
-            data[path] = (shards, np.concatenate(shards).reshape(len(valid), -1, size)[valid])
+            choices[path] = lossless_choice(store.read_shard(path, 0), args.repeats, args.passes)
 
-        cells = {
-            path: [codec_row(rows.reshape(-1, rows.shape[-1]), c) for c in CODECS.values()]
-            for path, (_, rows) in data.items()
-        }
-        for i, what in enumerate(("size / raw fp32", "encode MB/s (fp16)", "decode MB/s (fp16)")):
-            print(f"\nalternatives, numcodecs on the valid rows' chunks: {what}")
-            print(f"{'array':<44} " + " ".join(f"{name:>10}" for name in CODECS))
-            for path, row in cells.items():
-                fmt = "10.3f" if i == 0 else "10.1f"
-                print(f"{path:<44} " + " ".join(f"{cell[i]:{fmt}}" for cell in row))
-
+        names = [*REFERENCES, *SHUFFLES]
         print(
-            f"\ndecode, median of {args.repeats} repeats: read_shard (zarr) vs pure blosc "
-            "zstd5-bit (the spec's chain)"
+            "\nlossless chain per array, its first shard: stored / raw fp32 per chain; the chosen "
+            f"chain, its bytes / the best reference's; old ({OLD}) / chosen time, median of "
+            f"{args.repeats} repeats: chunk codecs encoding, decoding, zarr writing the shard"
         )
-        print(f"{'array':<44} {'zarr smp/s':>10} {'MB/s':>7} {'blosc smp/s':>11} {'MB/s':>7} ratio")
-        codec = CODECS["zstd5-bit"]
-        for path, (shards, _) in data.items():
-            encoded = [[codec.encode(row) for row in shard] for shard in shards]
-            out = [np.empty_like(shard) for shard in shards]
-            n, nbytes = store.n_samples, sum(s.nbytes for s in shards)
-
-            def read_zarr(path: str = path) -> None:
-                for s in range(store.n_shards):
-                    store.read_shard(path, s)
-
-            def read_blosc(encoded: list = encoded, out: list = out) -> None:
-                for chunks, dest in zip(encoded, out, strict=True):
-                    for i, buf in enumerate(chunks):
-                        codec.decode(buf, out=dest[i])
-
-            zarr_t, blosc_t = [], []
-            for rep in range(args.repeats):
-                order = (read_zarr, read_blosc) if rep % 2 == 0 else (read_blosc, read_zarr)
-                times = {fn: timed(fn, args.passes) for fn in order}
-                zarr_t.append(times[read_zarr])
-                blosc_t.append(times[read_blosc])
-            ratio = statistics.median(b / z for z, b in zip(zarr_t, blosc_t, strict=True))
-            z, b = statistics.median(zarr_t), statistics.median(blosc_t)
-            print(
-                f"{path:<44} {n / z:>10.0f} {nbytes / z / 1e6:>7.0f} "
-                f"{n / b:>11.0f} {nbytes / b / 1e6:>7.0f} {ratio:.3f}x"
-            )
+        print(f"{'array':<44} " + " ".join(f"{n:>6}" for n in names)
+              + "  chosen  /best encode decode  write")  # fmt: skip
+        for path, c in choices.items():
+            cells = " ".join(f"{c['bytes'][n] / c['raw_fp32_bytes']:>6.3f}" for n in names)
+            speed = " ".join(f"{v:>5.2f}x" for v in c["speedup_over_old"].values())
+            best = c["chosen_over_best_reference"]
+            print(f"{path:<44} {cells}  {c['chosen']:>6} {best:>5.3f} {speed}")
+        met = [p for p, c in choices.items() if c["chosen_over_best_reference"] <= 1.02]
+        fast = [p for p, c in choices.items() if c["speedup_over_old"]["encode"] >= 1.0]
+        print(
+            f"within 2% of the best reference: {len(met)} of {len(choices)} arrays; "
+            f"encodes at least as fast as the old chain: {len(fast)} of {len(choices)}"
+        )
         results = {"config": str(args.config), "n_valid": info["n_valid"], "views": views,
-                   "shard_size": store.shard_size, "arrays": sizes}  # fmt: skip
+                   "shard_size": store.shard_size, "arrays": sizes,
+                   "lossless_choice": choices}  # fmt: skip
         write_result(args.json, "compression", results)
 
 
