@@ -36,9 +36,10 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image, ImageFile, ImageOps
 
-__all__ = ["FORMATS", "ImageLimits", "SkipSample", "decode_image"]
+__all__ = ["FORMATS", "ImageLimits", "SkipSample", "decode_image", "decode_jpegs"]
 
 #: Formats PIL may try, in this order (those this PIL build lacks are left out).
 FORMATS: tuple[str, ...] = (
@@ -160,3 +161,54 @@ def _stretch(a: np.ndarray) -> np.ndarray:
 
 def _gray(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def decode_jpegs(
+    datas: list[bytes], device: str | torch.device, limits: ImageLimits = ImageLimits()
+) -> list[torch.Tensor | None]:
+    """Batched JPEG decoding with torchvision (nvJPEG on a CUDA device): an RGB uint8
+    `[3, H, W]` tensor on `device` per input, or None where this path does not apply.
+
+    Only whole, upright, RGB or grey baseline/progressive JPEGs within `limits` are taken (the
+    header is read, no pixels): everything else (other formats, CMYK, EXIF rotation, truncated
+    or corrupt files, bombs) is None, and the caller decodes it with :func:`decode_image`, so the
+    one bad-sample policy and its recorded reasons stay in one place.  A batch that fails is
+    retried image by image, so one bad file costs only itself.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    taken = [i for i, data in enumerate(datas) if _plain_jpeg(data, limits)]
+    tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in taken]
+    out: list[torch.Tensor | None] = [None] * len(datas)
+    try:
+        images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device) if tensors else []
+    except RuntimeError:
+        images = []
+        for tensor in tensors:
+            try:
+                images.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError:
+                images.append(None)
+    for i, image in zip(taken, images, strict=True):
+        out[i] = image
+    return out
+
+
+def _plain_jpeg(data: bytes, limits: ImageLimits) -> bool:
+    """A JPEG that decodes to the same pixels without PIL's conversions (header only)."""
+    if not data.startswith(b"\xff\xd8") or not data.endswith(b"\xff\xd9"):
+        return False  # not a JPEG, or truncated / trailing bytes: PIL decides
+    if len(data) > limits.max_bytes:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
+                _check_size(im.size, limits)
+                upright = im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+                return im.format == "JPEG" and im.mode in ("RGB", "L") and upright
+    except Exception:  # anything odd: the PIL path decides and records why
+        return False

@@ -9,10 +9,11 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 from skimage import data as skdata
 
-from pipeline.decode import ImageLimits, SkipSample, decode_image
+from pipeline.decode import ImageLimits, SkipSample, decode_image, decode_jpegs
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -390,3 +391,58 @@ def test_arbitrary_bytes_only_ever_raise_skipsample(camera: np.ndarray) -> None:
             assert out.mode == "RGB" and min(out.size) >= limits.min_side
             decoded += 1
     assert skipped > 50 and decoded > 10  # both paths were exercised
+
+
+# ---------------------------------------------------------------------------- batched JPEG decoding
+
+
+@pytest.fixture(scope="module")
+def jpegs(chelsea: np.ndarray, coffee: np.ndarray, camera: np.ndarray) -> list[bytes]:
+    """Baseline 4:2:0, progressive, grey and 4:4:4 JPEGs of real photos."""
+    return [
+        encode(Image.fromarray(chelsea), "JPEG", quality=90),
+        encode(Image.fromarray(coffee), "JPEG", quality=75, progressive=True),
+        encode(Image.fromarray(camera), "JPEG", quality=90),
+        encode(Image.fromarray(skdata.astronaut()), "JPEG", quality=95, subsampling=0),
+    ]
+
+
+def _pil_pixels(data: bytes) -> np.ndarray:
+    return np.asarray(decode_image(data)).transpose(2, 0, 1).astype(int)
+
+
+def test_batched_jpeg_decode_equals_pil_on_cpu(jpegs: list[bytes]) -> None:
+    for data, image in zip(jpegs, decode_jpegs(jpegs, "cpu"), strict=True):
+        assert image.dtype == torch.uint8 and image.device.type == "cpu"
+        np.testing.assert_array_equal(image.numpy(), _pil_pixels(data))
+
+
+def test_batched_jpeg_decode_leaves_the_rest_to_pil(chelsea: np.ndarray, jpegs: list[bytes]):
+    """Everything the PIL path converts or refuses is None (the caller decodes it there); a
+    file that breaks the batch costs only itself."""
+    rgb = Image.fromarray(chelsea)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    dht = jpegs[0].index(b"\xff\xc4")  # a Huffman table PIL's header parse does not check
+    inputs = {
+        "png": encode(rgb, "PNG"),
+        "cmyk": encode(rgb.convert("CMYK"), "JPEG"),
+        "rotated": encode(rgb, "JPEG", exif=exif),
+        "truncated": jpegs[0][: len(jpegs[0]) // 2],
+        "text": b"<html>not found</html>",
+        "bogus huffman table": jpegs[0][: dht + 5] + b"\xff" * 16 + jpegs[0][dht + 21 :],
+        "too small": encode(rgb.resize((4, 4)), "JPEG"),
+    }
+    decoded = decode_jpegs([*inputs.values(), *jpegs], "cpu")
+    assert dict(zip(inputs, decoded, strict=False)) == dict.fromkeys(inputs)
+    for data, image in zip(jpegs, decoded[len(inputs) :], strict=True):
+        np.testing.assert_array_equal(image.numpy(), _pil_pixels(data))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA device")
+def test_batched_jpeg_decode_on_cuda_is_close_to_pil(jpegs: list[bytes]) -> None:
+    """nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: close, not equal."""
+    for data, image in zip(jpegs, decode_jpegs(jpegs, "cuda"), strict=True):
+        assert image.device.type == "cuda"
+        diff = np.abs(image.cpu().numpy().astype(int) - _pil_pixels(data))
+        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
