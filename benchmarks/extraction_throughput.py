@@ -1,8 +1,9 @@
 """Throughput of the whole extraction stage against the bare forward pass of the same model(s).
 
-Subject: ``plan_store`` (untimed), then ``extract_shard`` over every shard of the group, timed. That
-is everything a Snakemake job does: model load, reading files, decoding and preprocessing in a
-DataLoader worker, the forward pass, fp16 conversion, blosc/zstd compression, zarr writes, commits.
+Subject: ``plan_store`` (untimed), then ``extract_shards`` over each run of shards of the group that
+one Snakemake job takes (``shard_batches``), timed. That is everything a job does: model load,
+reading files, decoding and preprocessing in a DataLoader worker, the forward pass, fp16
+conversion, compression and zarr writes (in the job's writer thread), commits.
 
 Baseline: the same model(s) (``load_encoders``: ``pipeline.weights.create_backbone``, same seed),
 the same batches (per shard, ``--batch-size``), the same ``torch.set_num_threads``, running
@@ -11,9 +12,10 @@ deepest requested layer) under ``torch.inference_mode()``, on the stage's own pr
 (``pipeline.extract.prepare``: decode, eval view, normalise) built beforehand and held in memory.
 
 Images: the demo collection's decodable photos, copied round-robin up to ``--images`` files.
-Subject and baseline alternate shard by shard in one process (after an untimed warm-up), so that
+Subject and baseline alternate job by job in one process (after an untimed warm-up), so that
 load from other processes hits both; the result is the median of per-repeat ratios
-stage images/s / bare images/s (goal: >= 0.9), and the ratio of the best repeats.
+stage images/s / bare images/s (goal: >= 0.9), and the ratio of the best repeats. Cores used:
+CPU seconds (this process and its finished children, the decode workers) per wall second.
 
 Diagnostics: ``--breakdown`` also times each piece of the stage alone (best of ``--repeats``),
 
@@ -24,11 +26,14 @@ Usage: ``.venv/bin/python benchmarks/extraction_throughput.py [--all-default-bac
 from __future__ import annotations
 
 import argparse
+import itertools
+import resource
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +44,7 @@ from pipeline.config import validate_config
 from pipeline.decode import ImageLimits
 from pipeline.demo import IMAGE_SUFFIXES, TRUNCATED, build_demo_images
 from pipeline.encoders import load_encoders, resolve_views
-from pipeline.extract import extract_shard, prepare, to_storage
+from pipeline.extract import extract_shards, prepare, shard_batches, to_storage
 from pipeline.plan import plan_store
 from pipeline.sources import list_source, read_items
 from storage_specs.layout import open_root, write_shard
@@ -90,13 +95,13 @@ class BareForward:
             for item, (_, raw) in zip(self.items, data, strict=True)
         ]
 
-    def run(self, shard: int, encoders: list | None = None) -> list[dict]:
-        """The forward passes of one shard's rows, in the stage's batches."""
+    def run(self, shards: Iterable[int], encoders: list | None = None) -> list[dict]:
+        """The forward passes of some shards' rows, in the stage's batches."""
         torch.set_num_threads(self.config["threads"])
         size, batch, k = self.config["shard_size"], self.config["batch_size"], self.views.count
         outputs = []
         with torch.inference_mode():
-            for encoder in encoders or self.encoders:
+            for encoder, shard in itertools.product(encoders or self.encoders, shards):
                 rows = self.inputs[encoder.name][shard * size * k : (shard + 1) * size * k]
                 for i in range(0, len(rows), batch * k):
                     outputs.append(encoder.encode(rows[i : i + batch * k]))
@@ -111,26 +116,45 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def run_pair(config: dict, store: Path, bare: BareForward, flip: bool) -> tuple[float, float]:
-    """(stage seconds, bare seconds) over all shards; subject and baseline alternate shard by
-    shard (order flipped on every other repeat), so drifting load from other processes hits both
-    alike. Planning is not timed."""
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (decode workers), all threads."""
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                          resource.RUSAGE_CHILDREN))  # fmt: skip
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@dataclass
+class Times:
+    """Wall and CPU seconds of the stage and of the bare forward over one repeat."""
+
+    stage: float = 0.0
+    bare: float = 0.0
+    stage_cpu: float = 0.0
+    bare_cpu: float = 0.0
+
+    def add(self, name: str, fn: Callable[[], object]) -> None:
+        cpu = cpu_seconds()
+        setattr(self, name, getattr(self, name) + timed(fn))
+        setattr(self, f"{name}_cpu", getattr(self, f"{name}_cpu") + cpu_seconds() - cpu)
+
+
+def run_pair(config: dict, store: Path, bare: BareForward, flip: bool) -> Times:
+    """Seconds over all shards; subject and baseline alternate job by job (order flipped on every
+    other repeat), so drifting load from other processes hits both alike. Planning is not timed."""
     config = {**config, "store": str(store)}
     plan = plan_store(config)
-    t_stage = t_bare = 0.0
-    for shard in range(plan["n_shards"]):
+    times = Times()
+    for first, last in shard_batches(plan["n_shards"]):
+        shards = range(first, last + 1)
 
-        def stage(shard: int = shard) -> None:
+        def stage(shards: range = shards) -> None:
             for group in plan["groups"]:
-                extract_shard(config, group, shard, progress=False)
+                extract_shards(config, group, shards, progress=False)
 
-        if flip:
-            t_bare += timed(lambda shard=shard: bare.run(shard))
-            t_stage += timed(stage)
-        else:
-            t_stage += timed(stage)
-            t_bare += timed(lambda shard=shard: bare.run(shard))
-    return t_stage, t_bare
+        pair = [("stage", stage), ("bare", lambda shards=shards: bare.run(shards))]
+        for name, fn in reversed(pair) if flip else pair:
+            times.add(name, fn)
+    return times
 
 
 def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
@@ -140,19 +164,17 @@ def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
         return min(timed(fn) for _ in range(repeats))
 
     shards = range(-(-len(bare.items) // config["shard_size"]))
+    jobs = len(shard_batches(len(shards)))
     pieces = {
-        f"load encoders x {len(shards)} shards": len(shards) * best(lambda: load_encoders(config)),
+        f"load encoders x {jobs} jobs": jobs * best(lambda: load_encoders(config)),
         "read + decode + view + normalise (1 process)": best(bare.prepare_all),
     }
     for encoder in bare.encoders:
-        pieces[f"forward {encoder.name}"] = best(
-            lambda e=encoder: [bare.run(s, [e]) for s in shards]
-        )
+        pieces[f"forward {encoder.name}"] = best(lambda e=encoder: bare.run(shards, [e]))
     outputs: dict[str, list] = {}
-    for shard in shards:
-        for batch in bare.run(shard):
-            for path, values in batch.items():
-                outputs.setdefault(path, []).append(values)
+    for batch in bare.run(shards):
+        for path, values in batch.items():
+            outputs.setdefault(path, []).append(values)
     k, dtype = bare.views.count, config["dtype"]
 
     def to_store() -> dict[str, np.ndarray]:
@@ -181,7 +203,7 @@ def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
     print(f"  forward / sum of pieces: {forward / sum(pieces.values()):.3f}x")
 
 
-def json_results(config: dict, args: argparse.Namespace, times: list[tuple[float, float]]) -> dict:
+def json_results(config: dict, args: argparse.Namespace, times: list[Times]) -> dict:
     """The run's settings and images/s per repeat: what extraction hours scale from."""
     n, settings = args.images, ("batch_size", "shard_size", "threads", "num_workers", "device")
     entries = [{k: e[k] for k in ("name", "weights", "layers")} for e in config["backbones"]]
@@ -190,7 +212,15 @@ def json_results(config: dict, args: argparse.Namespace, times: list[tuple[float
         "images": n,
         "views": config["views"]["count"],
         **{key: config[key] for key in settings},
-        "repeats": [{"stage_img_s": n / s, "bare_img_s": n / b} for s, b in times],
+        "repeats": [
+            {
+                "stage_img_s": n / t.stage,
+                "bare_img_s": n / t.bare,
+                "stage_cores": t.stage_cpu / t.stage,
+                "bare_cores": t.bare_cpu / t.bare,
+            }
+            for t in times
+        ],
     }
 
 
@@ -234,15 +264,17 @@ def main() -> None:
         print(f"{names}: {args.images} images, batch {args.batch_size}, shard {args.shard_size},")
         print(f"  threads {args.threads}, num_workers {args.num_workers}, device {args.device}")
         run_pair(config, tmp / "warmup.zarr", bare, False)  # warm-up: files, allocator, caches
-        print(f"{'repeat':>6} {'stage img/s':>12} {'bare img/s':>11} {'stage/bare':>11}")
+        print(f"{'repeat':>6} {'stage img/s':>12} {'bare img/s':>11} {'stage/bare':>11}"
+              f" {'stage cores':>12} {'bare cores':>11}")  # fmt: skip
         times = []
         for rep in range(args.repeats):
-            t_stage, t_bare = run_pair(config, tmp / f"store{rep}.zarr", bare, flip=rep % 2 == 1)
-            times.append((t_stage, t_bare))
+            t = run_pair(config, tmp / f"store{rep}.zarr", bare, flip=rep % 2 == 1)
+            times.append(t)
             n = args.images
-            print(f"{rep:>6} {n / t_stage:>12.2f} {n / t_bare:>11.2f} {t_bare / t_stage:>10.3f}x")
-        median = statistics.median(b / s for s, b in times)
-        best = min(b for _, b in times) / min(s for s, _ in times)
+            print(f"{rep:>6} {n / t.stage:>12.2f} {n / t.bare:>11.2f} {t.bare / t.stage:>10.3f}x"
+                  f" {t.stage_cpu / t.stage:>12.2f} {t.bare_cpu / t.bare:>11.2f}")  # fmt: skip
+        median = statistics.median(t.bare / t.stage for t in times)
+        best = min(t.bare for t in times) / min(t.stage for t in times)
         print(f"median of per-repeat stage/bare: {median:.3f}x (goal >= 0.9x)")
         print(f"best stage / best bare:          {best:.3f}x")
         write_result(args.json, "extraction_throughput", json_results(config, args, times))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import validate_config
-from pipeline.extract import extract_shard
+from pipeline.extract import extract_shard, extract_shards
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
 from storage_specs.validate import validate_store
@@ -96,3 +96,21 @@ def test_changed_source_refuses_to_resume(one_backbone, small_dir, tmp_path):
         plan_store(fewer)
     with pytest.raises(RuntimeError, match="shard_size 4, config asks for 2"):
         plan_store(validate_config({**config, "shard_size": 2}))
+
+
+def test_failed_shard_write_stops_the_job_without_committing_it(one_backbone):
+    """A shard the writer thread cannot store fails the job (the error is the store's), is not
+    committed, and neither is any later shard of the job; the rerun does exactly those."""
+    config = one_backbone
+    plan_store(config)
+    store = Path(config["store"])
+    blocker = store / "features/resnet18/layer4/c/1/0/0/0/0"
+    (blocker / "x").mkdir(parents=True)  # where shard 1's object goes: a directory, even for root
+    with pytest.raises(IsADirectoryError):
+        extract_shards(config, "main", [0, 1, 2], progress=False)
+    assert sorted(p.parent.name for p in store.glob("commits/main/*/zarr.json")) == ["00000"]
+    shutil.rmtree(blocker)
+    records = extract_shards(config, "main", [0, 1, 2], progress=False)
+    assert [r["shard"] for r in records] == [0, 1, 2] and _commits(store) == 3
+    finalize_store(config["store"], progress=False)
+    assert validate_store(config["store"]) == []
