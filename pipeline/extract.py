@@ -146,19 +146,16 @@ class ShardWriter:
     (`reference/...`), so the validator can measure the error that was really committed.
     """
 
-    def __init__(self, root, group: str, shard: int, n_rows: int):
-        self.root, self.shard = root, shard
-        paths = [p for p in stored_arrays(root) if root[p].attrs["group"] == group]
-        if not paths:
-            raise StoreError(f"no arrays of group '{group}' in the store: run the plan step first")
+    def __init__(self, root, arrays: dict[str, zarr.Array], shard: int, n_rows: int):
+        self.root, self.arrays, self.shard = root, arrays, shard
         self.start = shard_range(shard, root.attrs["shard_size"], root.attrs["n_samples"])[0]
-        self.buffers = {p: np.zeros((n_rows, *root[p].shape[1:]), root[p].dtype) for p in paths}
-        self.staged = {p: staging_array(root[p]) for p in paths}
-        lossy = [p for p in paths if is_lossy(root[p])] if shard == 0 else []
-        self.references: dict[str, list] = {p: [] for p in lossy}
+        self.buffers = {p: np.zeros((n_rows, *a.shape[1:]), a.dtype) for p, a in arrays.items()}
+        self.staged = {path: staging_array(arr) for path, arr in arrays.items()}
+        lossy = [path for path, arr in arrays.items() if is_lossy(arr)] if shard == 0 else []
+        self.references: dict[str, list] = {path: [] for path in lossy}
 
     def put(self, path: str, rows: list[int], values: torch.Tensor) -> None:
-        dtype = self.root[path].attrs["dtype"]
+        dtype = self.arrays[path].attrs["dtype"]
         stored = to_storage(values, dtype)
         if not np.isfinite(stored).all():
             peak = values.abs().max().item()
@@ -183,12 +180,21 @@ class ShardWriter:
         for path, staged in self.staged.items():
             key = shard_key(staged, self.shard)
             data = sync(staged.store_path.store.get(key, default_buffer_prototype()))
-            store = self.root[path].store_path.store
+            store = self.arrays[path].store_path.store
             sync(store.delete(key) if data is None else store.set(key, data))
         for path, kept in self.references.items():
             if kept:
                 rows = [int(row) for row, _ in kept]
                 write_reference(self.root, path, rows, np.stack([v for _, v in kept]))
+
+
+def group_arrays(root: zarr.Group, group: str) -> dict[str, zarr.Array]:
+    """The group's per-sample arrays by path, opened once per job."""
+    arrays = {path: root[path] for path in stored_arrays(root)}
+    arrays = {path: arr for path, arr in arrays.items() if arr.attrs["group"] == group}
+    if not arrays:
+        raise StoreError(f"no arrays of group '{group}' in the store: run the plan step first")
+    return arrays
 
 
 def run_batch(encoders: list[Encoder], batch: list[dict], writer: ShardWriter, autocast) -> None:
@@ -232,6 +238,7 @@ def extract_shards(
 
 def _extract(config: dict, root, group: str, shards: list[int], progress: bool) -> dict:
     ranges = [shard_range(s, root.attrs["shard_size"], root.attrs["n_samples"]) for s in shards]
+    arrays = group_arrays(root, group)
     torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
     encoders = load_encoders(config, group, str(device))
@@ -256,7 +263,7 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
     records, committing, offset = {}, None, 0
     with ThreadPoolExecutor(1, thread_name_prefix="featinv-writer") as thread:
         for shard, (start, stop) in zip(shards, ranges, strict=True):
-            writer = ShardWriter(root, group, shard, stop - start)
+            writer = ShardWriter(root, arrays, shard, stop - start)
             encoded, meta = job.run_shard(islice(samples, stop - start), offset, writer, thread)
             offset += stop - start
             records[shard] = {
