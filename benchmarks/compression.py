@@ -11,12 +11,14 @@ Lossless chain, per array (issue 11), on its first shard as stored (``[shard_siz
 bytes zarr stores for it (chunks, crc32c, shard index) with each of the four references, blosc
 zstd clevel 5 (zstd 9) or 9 (zstd 22) with byte- or bit-shuffle, and with each chain of
 ``storage_specs.codecs.SHUFFLES``; the chain ``choose_lossless`` picks and its bytes over the best
-reference's (goal <= 1.02). Speed: zarr writing (encode) and reading (decode) that shard in memory
-with the chosen chain and with the old one (blosc zstd clevel 5 bit-shuffle), alternating over
-repeats in one process, ``--passes`` per timing; the median of per-repeat ratios old time / chosen
+reference's (goal <= 1.02). Speed, chosen chain against the old one (blosc zstd clevel 5
+bit-shuffle): the chunk codecs (as numcodecs objects, read from the arrays' metadata) encoding and
+decoding the shard's chunks, and zarr writing and reading the shard in memory (with its per-chunk
+async overhead); alternating over repeats in one process, each timing over ``--megabytes`` of the
+shard's data (passes of it, at most 200); the median of per-repeat ratios old time / chosen
 time (goal >= 1.0 for encode).
 
-Usage: ``.venv/bin/python benchmarks/compression.py [--repeats 5] [--passes 10]``
+Usage: ``.venv/bin/python benchmarks/compression.py [--repeats 5] [--megabytes 20]``
 ``[--config PATH] [--targets] [--json PATH]`` (another config's encoders; its targets too;
 the measured sizes as JSON for ``benchmarks/scaling.py``)
 """
@@ -24,6 +26,7 @@ the measured sizes as JSON for ``benchmarks/scaling.py``)
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -114,9 +117,10 @@ def decode(codecs: list, data: bytes) -> bytes:
     return data
 
 
-def speedups(data: np.ndarray, chosen: list, repeats: int, passes: int) -> dict[str, float]:
+def speedups(data: np.ndarray, chosen: list, repeats: int, megabytes: float) -> dict[str, float]:
     """Median over repeats of old / chosen time: the chunk codecs encoding and decoding the
-    shard's stored chunks, and zarr writing the shard."""
+    shard's stored chunks, zarr writing and reading the shard; each timing over ``megabytes``."""
+    passes = min(200, math.ceil(megabytes * 1e6 / data.nbytes))  # small shards: more passes
     arrays = {"old": memory_shard(data, REFERENCES[OLD])[0], "new": memory_shard(data, chosen)[0]}
     rows = data.reshape(-1, *data.shape[2:])
     chunks = [row for row in rows if row.any()]  # zarr stores no chunk of fill values
@@ -128,6 +132,7 @@ def speedups(data: np.ndarray, chosen: list, repeats: int, passes: int) -> dict[
         "encode": lambda name: [encode(codecs[name], chunk) for chunk in chunks],
         "decode": lambda name: [decode(codecs[name], buf) for buf in encoded[name]],
         "zarr_write": lambda name: arrays[name].__setitem__(slice(None), data),
+        "zarr_read": lambda name: arrays[name][:],
     }
     ratios: dict[str, list[float]] = {op: [] for op in ops}
     for rep in range(repeats):
@@ -138,7 +143,7 @@ def speedups(data: np.ndarray, chosen: list, repeats: int, passes: int) -> dict[
     return {op: statistics.median(r) for op, r in ratios.items()}
 
 
-def lossless_choice(data: np.ndarray, repeats: int, passes: int) -> dict:
+def lossless_choice(data: np.ndarray, repeats: int, megabytes: float) -> dict:
     """Issue 11's measurement of one array's first shard (see the module docstring)."""
     sizes = {name: stored_bytes(data, chain) for name, chain in REFERENCES.items()}
     sizes.update({name: stored_bytes(data, lossless_compressors(name)) for name in SHUFFLES})
@@ -148,7 +153,7 @@ def lossless_choice(data: np.ndarray, repeats: int, passes: int) -> dict:
         "raw_fp32_bytes": data.size * 4,
         "chosen": chosen,
         "chosen_over_best_reference": sizes[chosen] / min(sizes[name] for name in REFERENCES),
-        "speedup_over_old": speedups(data, lossless_compressors(chosen), repeats, passes),
+        "speedup_over_old": speedups(data, lossless_compressors(chosen), repeats, megabytes),
     }
 
 
@@ -170,7 +175,7 @@ def size_record(store: FeatureStore, path: str, arr: dict, metadata: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--passes", type=int, default=10, help="shard writes/reads per timing")
+    parser.add_argument("--megabytes", type=float, default=20, help="data (fp16) per timing")
     parser.add_argument("--config", type=Path, default=CONFIG, help="whose encoders to store")
     parser.add_argument(
         "--targets", action="store_true",
@@ -194,16 +199,17 @@ def main() -> None:
             flag = "<= 0.45 ok" if ratio <= 0.45 else "ABOVE 0.45"
             print(f"{path:<44} {shape:>10} {ratio:>11.3f} {data_only:>9.3f}  {flag}")
             sizes[path] = size_record(store, path, arr, metadata)
-            choices[path] = lossless_choice(store.read_shard(path, 0), args.repeats, args.passes)
+            choices[path] = lossless_choice(store.read_shard(path, 0), args.repeats, args.megabytes)
 
         names = [*REFERENCES, *SHUFFLES]
         print(
             "\nlossless chain per array, its first shard: stored / raw fp32 per chain; the chosen "
             f"chain, its bytes / the best reference's; old ({OLD}) / chosen time, median of "
-            f"{args.repeats} repeats: chunk codecs encoding, decoding, zarr writing the shard"
+            f"{args.repeats} repeats: chunk codecs encoding, decoding, zarr writing, reading "
+            "the shard"
         )
         print(f"{'array':<44} " + " ".join(f"{n:>6}" for n in names)
-              + "  chosen  /best encode decode  write")  # fmt: skip
+              + "  chosen  /best encode decode  write   read")  # fmt: skip
         for path, c in choices.items():
             cells = " ".join(f"{c['bytes'][n] / c['raw_fp32_bytes']:>6.3f}" for n in names)
             speed = " ".join(f"{v:>5.2f}x" for v in c["speedup_over_old"].values())
