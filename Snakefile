@@ -5,11 +5,13 @@
 
 plan (checkpoint: list the source, create/resume the store)
   -> extract_shard (one job per run of shards x group; commits each shard in the store)
-  -> finalize_<stage> (gather commits, validate every chunk, statistics, consolidate, summary)
+  -> finalize_<stage> (gather commits, validate every chunk, statistics, consolidate)
   -> train (reads the finished store only; resumes from its own checkpoints)
 
 The store holds the authoritative commit records; the small JSON files under work_dir are only
-Snakemake's view of them, so losing work_dir costs a re-check, never a re-extraction.
+Snakemake's view of them, so losing work_dir costs a re-check, never a re-extraction; markers of
+a store that is gone or was replaced are removed before the run, which then rebuilds it.  The
+store's summary is printed once, at the end of a run that finished a stage.
 """
 
 import hashlib
@@ -20,6 +22,8 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from pipeline.config import SCHEMA_PATH, ConfigError, public_config, stage_groups, validate_config
+from pipeline.markers import check_markers, finalized_markers
+from storage_specs.layout import StoreError
 
 # The embedded demo config, unless the user passes --configfile (then only theirs counts, so no
 # demo value leaks into a real run).
@@ -55,6 +59,15 @@ def _write_effective_config() -> None:
 
 
 _write_effective_config()
+
+# The store is the authority: markers of a store that is gone or was replaced are removed, so the
+# run rebuilds it (one read of the store's root metadata, by the main process only).
+if workflow.is_main_process:
+    try:
+        check_markers(Path(WORK), config["store"], workflow.dryrun)
+    except StoreError as exc:
+        sys.exit(f"featinv: {exc}")
+FINALIZED = finalized_markers(Path(WORK))
 
 
 STAGES = [stage for stage in ("features", "latents") if stage_groups(config, stage)]
@@ -132,6 +145,10 @@ rule all:
 
 
 onsuccess:
+    if finalized_markers(Path(WORK)) != FINALIZED:  # once per run, however many stages finished
+        from pipeline.summary import print_summary
+
+        print_summary(config["store"])
     if SAMPLED and Path(f"{SAMPLES}/report.html").exists():
         print(f"featinv report: {Path(SAMPLES, 'report.html').resolve()}")
 

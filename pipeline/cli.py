@@ -1,7 +1,8 @@
 """`featinv`: the commands behind the Snakemake rules, plus `validate` and `info` for users.
 
-Errors a user can fix (bad config, bad store) print one line and exit 2 (validation failures exit
-1); tracebacks are kept for bugs.
+Errors a user can fix (bad config, bad store, an object store out of reach) print one line and
+exit 2; `validate` exits 1 on an invalid store and 3 on a store finished for some stages only
+(features complete, latents pending).  Tracebacks are kept for bugs.
 """
 
 from __future__ import annotations
@@ -13,33 +14,13 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
-from pipeline.config import ConfigError, load_config, stage_groups
+from pipeline.config import ConfigError, check_url, load_config, stage_groups
 from storage_specs.layout import StoreError
 
-# fsspec filesystems that take credentials only from the environment or their own config files:
-# a user:password@ in such a URL is never used (s3fs would read it as part of the bucket name), and
-# the first error message would repeat it into Snakemake's log.
-_ENV_CREDENTIAL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
-
-
-def _check_url(what: str, url: str) -> None:
-    parts = urlsplit(url)
-    if parts.scheme.lower() in _ENV_CREDENTIAL_SCHEMES and "@" in parts.netloc:
-        raise ConfigError(
-            f"{what}: credentials in {parts.scheme}:// URLs are not supported; give them through "
-            "the environment or the provider's config files (s3: AWS_ACCESS_KEY_ID, ...)"
-        )
-
-
-def _load_config(path: str, purpose: str = "extract") -> dict:
-    """The validated config; object-store URLs with credentials are refused (secret not shown)."""
-    config = load_config(path, purpose)
-    for key in ("source", "store"):
-        if key in config:
-            _check_url(f"config {key}", config[key])
-    return config
+# The Snakemake target that finishes each stage of a store.
+STAGE_TARGETS = {"features": "extract_features", "latents": "encode_latents"}
+PENDING_EXIT = 3  # `featinv validate`: finished for some stages, others pending
 
 
 def _write_json_atomic(path: str, value: dict) -> None:
@@ -52,7 +33,7 @@ def _write_json_atomic(path: str, value: dict) -> None:
 
 
 def cmd_check_config(args) -> None:
-    _load_config(args.config)
+    load_config(args.config)
     print(f"config {args.config}: ok")
 
 
@@ -72,7 +53,7 @@ def cmd_demo_vae(args) -> None:
 def cmd_plan(args) -> None:
     from pipeline.plan import plan_store
 
-    plan = plan_store(_load_config(args.config))
+    plan = plan_store(load_config(args.config))
     if args.out:
         _write_json_atomic(args.out, plan)
     ignored = f", {len(plan['ignored'])} non-image files ignored" if plan["ignored"] else ""
@@ -86,7 +67,7 @@ def cmd_plan(args) -> None:
 def cmd_extract_shard(args) -> None:
     from pipeline.extract import extract_shards
 
-    config = _load_config(args.config)
+    config = load_config(args.config)
     if args.threads:
         config["threads"] = args.threads
     records = extract_shards(config, args.group, [shard for run in args.shard for shard in run])
@@ -107,15 +88,21 @@ def _shard_run(text: str) -> range:
 
 
 def cmd_finalize(args) -> None:
+    """One line per stage; the store's summary is printed once per run (the Snakefile's
+    onsuccess, or `featinv info`)."""
     from pipeline.finalize import finalize_store
-    from pipeline.summary import print_summary
 
-    config = _load_config(args.config)
+    config = load_config(args.config)
     groups = None if args.stage == "all" else stage_groups(config, args.stage)
     summary = finalize_store(config["store"], groups)
     if args.out:
         _write_json_atomic(args.out, summary)
-    print_summary(config["store"])
+    pending = summary["pending_groups"]
+    print(
+        f"finalized {args.stage} of {config['store']}: {summary['n_valid']} valid, "
+        f"{summary['n_skipped']} skipped" + (f"; pending: {', '.join(pending)}" if pending else ""),
+        file=sys.stderr,
+    )
 
 
 def _dask(address: str | None) -> contextlib.AbstractContextManager:
@@ -127,21 +114,28 @@ def _dask(address: str | None) -> contextlib.AbstractContextManager:
 
 def cmd_validate(args) -> None:
     from storage_specs.samples import is_samples_store, validate_samples
-    from storage_specs.validate import lossy_errors, validate_store
+    from storage_specs.validate import lossy_errors, pending_stages, validate_store
 
-    _check_url("store", args.store)
+    check_url("store", args.store)
     samples = is_samples_store(args.store)
+    stages = None if samples else pending_stages(args.store)
     if samples:
         problems = validate_samples(args.store)
     else:
         with _dask(args.dask_scheduler) as client:
             problems = validate_store(
-                args.store, check_data=not args.metadata_only, progress=True, client=client
-            )
+                args.store, check_data=not args.metadata_only, progress=True, client=client,
+                require_complete=stages is None, groups=stages and stages.groups,
+            )  # fmt: skip
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
     if problems:
         sys.exit(1)
+    if stages:
+        targets = " ".join(STAGE_TARGETS[stage] for stage in stages.pending)
+        print(f"{args.store}: {', '.join(stages.finished)} complete; "
+              f"{', '.join(stages.pending)} pending: run `snakemake {targets}`")  # fmt: skip
+        sys.exit(PENDING_EXIT)
     for path, e in ({} if samples else lossy_errors(args.store)).items():
         print(f"{path}: lossy, measured relative L2 error max {e['rel_l2_max']:.3g} "
               f"(mean {e['rel_l2_mean']:.3g}) on {len(e['rows'])} stored exact samples; "
@@ -152,7 +146,7 @@ def cmd_validate(args) -> None:
 def cmd_stats(args) -> None:
     from storage_specs.stats import store_stats
 
-    _check_url("store", args.store)
+    check_url("store", args.store)
     with _dask(args.dask_scheduler) as client:
         stats = store_stats(args.store, args.array, client, write=args.write)
     print(json.dumps(stats))
@@ -163,7 +157,7 @@ def cmd_stats(args) -> None:
 def cmd_sample(args) -> None:
     from sampling.sample import sample_run
 
-    out = sample_run(_load_config(args.config, purpose="sample"))
+    out = sample_run(load_config(args.config, purpose="sample"))
     if args.out:
         _write_json_atomic(args.out, {"samples": str(out / "samples.zarr")})
     print(f"samples: {out / 'samples.zarr'} (PNG files in {out / 'png'})")
@@ -172,7 +166,7 @@ def cmd_sample(args) -> None:
 def cmd_guided_decode(args) -> None:
     from sampling.guided_run import decode_arrays, guided_run, store_name
 
-    config = _load_config(args.config, purpose="sample")
+    config = load_config(args.config, purpose="sample")
     if args.targets:
         if not args.to:
             raise ValueError("--targets needs --to FOLDER (where the images go)")
@@ -188,7 +182,7 @@ def cmd_guided_decode(args) -> None:
 def cmd_evaluate(args) -> None:
     from sampling.evaluate import evaluate_run, summary_lines
 
-    out = evaluate_run(_load_config(args.config, purpose="sample"))
+    out = evaluate_run(load_config(args.config, purpose="sample"))
     print("\n".join(summary_lines(out / "evaluation.json")))
 
 
@@ -196,7 +190,7 @@ def cmd_report(args) -> None:
     from sampling.report import build_report
     from sampling.sample import output_folder
 
-    config = _load_config(args.config, purpose="sample")
+    config = load_config(args.config, purpose="sample")
     runs = [Path(run) for run in args.runs] or [output_folder(config)]
     path = build_report(runs, Path(args.out) if args.out else runs[0] / "report.html")
     print(f"report: {path.resolve()}")
@@ -205,29 +199,29 @@ def cmd_report(args) -> None:
 def cmd_steer(args) -> None:
     from sampling.analyses import steer_run
 
-    out = steer_run(_load_config(args.config, purpose="sample"))
+    out = steer_run(load_config(args.config, purpose="sample"))
     print(f"steering grids: {out}")
 
 
 def cmd_composite(args) -> None:
     from sampling.analyses import composite_run
 
-    out = composite_run(_load_config(args.config, purpose="sample"))
+    out = composite_run(load_config(args.config, purpose="sample"))
     print(f"composite-feature grids: {out}")
 
 
 def cmd_info(args) -> None:
     from pipeline.summary import print_summary
 
-    _check_url("store", args.store)
+    check_url("store", args.store)
     print_summary(args.store, classify=args.classify)
 
 
 def cmd_export_webdataset(args) -> None:
     from storage_specs.export import export_webdataset
 
-    _check_url("store", args.store)
-    _check_url("out", args.out)
+    check_url("store", args.store)
+    check_url("out", args.out)
     features = f"features/{args.backbone}/{args.layer}"
     with _dask(args.dask_scheduler) as client:
         tars = export_webdataset(
@@ -244,11 +238,11 @@ def baseline_spec(spec: dict) -> dict:
 
 
 def _training_config(args) -> dict:
-    config = _load_config(args.config, purpose="train")
+    config = load_config(args.config, purpose="train")
     if args.baseline:
         config["training"] = baseline_spec(config["training"])
     if args.store:
-        _check_url("--store", args.store)
+        check_url("--store", args.store)
         config["store"] = args.store
     return config
 
@@ -394,6 +388,14 @@ def main(argv: list[str] | None = None) -> None:
         args.fn(args)
     except (ConfigError, StoreError, ValueError) as exc:
         print(f"featinv: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:
+        from pipeline.endpoints import unreachable_message
+
+        message = unreachable_message(exc)
+        if message is None:
+            raise
+        print(f"featinv: error: {message}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -2,7 +2,8 @@
 
 The JSON schema (`config.schema.yaml`, also used by the Snakefile through
 `snakemake.utils.validate`) catches wrong keys and types; the checks here catch what a schema
-cannot: unknown timm models and layers.  Every failure is one line naming the offending value.
+cannot: unknown timm models and layers, weights files that do not exist, credentials in
+object-store URLs.  Every failure is one line naming the offending value.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import fsspec
 import jsonschema
 import torch
 import yaml
 
+from pipeline.endpoints import unreachable_message
 from storage_specs.provenance import redact_url
 
 SCHEMA_PATH = Path(str(resources.files("pipeline") / "config.schema.yaml"))
@@ -24,8 +28,24 @@ SCHEMA_PATH = Path(str(resources.files("pipeline") / "config.schema.yaml"))
 REQUIRED = {"train": ["store", "training"], "sample": ["store"]}
 
 
+# fsspec filesystems that take credentials only from the environment or their own config files:
+# a user:password@ in such a URL is never used (s3fs would read it as part of the bucket name), and
+# the first error message would repeat it into Snakemake's log.
+_ENV_CREDENTIAL_SCHEMES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+
+
 class ConfigError(ValueError):
     """A config value that cannot work; the message is one line."""
+
+
+def check_url(what: str, url: str) -> None:
+    """Refuse an object-store URL with credentials in it (without repeating them)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() in _ENV_CREDENTIAL_SCHEMES and "@" in parts.netloc:
+        raise ConfigError(
+            f"{what}: credentials in {parts.scheme}:// URLs are not supported; give them through "
+            "the environment or the provider's config files (s3: AWS_ACCESS_KEY_ID, ...)"
+        )
 
 
 def load_schema() -> dict:
@@ -66,6 +86,9 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
     error = jsonschema.exceptions.best_match(validator.iter_errors(config))
     if error is not None:
         raise ConfigError(f"{_where(error)}: {error.message}")
+    for key in ("source", "store"):
+        if key in config:
+            check_url(f"config {key}", config[key])
     if purpose in REQUIRED:
         return config
     _check_backbones(config["backbones"])
@@ -87,6 +110,7 @@ def _check_backbones(backbones: list[dict]) -> None:
         seen.add(name)
         if not timm.is_model(name):
             raise ConfigError(f"config backbones[{i}].name: unknown timm model '{name}'")
+        _check_weights(f"config backbones[{i}].weights", entry["weights"])
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
         for layer in entry["layers"]:
@@ -98,6 +122,30 @@ def _check_backbones(backbones: list[dict]) -> None:
             compression_codecs(entry["compression"], "float32")
         except ValueError as exc:
             raise ConfigError(f"config backbones[{i}].compression: {exc}") from None
+
+
+def _check_weights(where: str, weights: str) -> None:
+    """A weights string of a known form; a path or URL must exist (hub ids and timm's pretrained
+    tags are looked up by the job that downloads them)."""
+    from pipeline.weights import weights_kind
+
+    try:
+        kind = weights_kind(weights)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if kind != "path":
+        return
+    check_url(where, weights)
+    fs, path = fsspec.core.url_to_fs(weights)
+    try:
+        found = fs.exists(path)
+    except Exception as exc:
+        message = unreachable_message(exc)
+        if message is None:
+            raise
+        raise ConfigError(f"{where}: {message}") from None
+    if not found:
+        raise ConfigError(f"{where}: weights file '{redact_url(weights)}' does not exist")
 
 
 def _check_targets(targets: list[dict], taken: set[str]) -> None:

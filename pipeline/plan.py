@@ -33,6 +33,7 @@ def plan_store(config: dict) -> dict:
             require_array(root, spec)
     return {
         "store": public_config(config)["store"],
+        "store_id": root.attrs.get("store_id"),  # markers of another store at the URL are stale
         "n_samples": len(items),
         "n_shards": n_shards(len(items), config["shard_size"]),
         "groups": groups_of(config),

@@ -74,7 +74,7 @@ def create_backbone(
     name: str, weights: str, seed: int = 0, **model_kwargs
 ) -> tuple[torch.nn.Module, WeightsInfo]:
     """timm model in eval mode with the requested weights (`model_kwargs` go to create_model)."""
-    kind = _kind(weights)
+    kind = weights_kind(weights)
     if kind == "random":
         return _random_backbone(name, seed, model_kwargs), WeightsInfo(weights, False, None, seed)
     model = timm.create_model(name, pretrained=False, **model_kwargs)
@@ -88,7 +88,7 @@ def create_backbone(
     return model.eval(), WeightsInfo(weights, True, digest, None)
 
 
-def _kind(weights: str) -> str:
+def weights_kind(weights: str) -> str:
     """Which accepted form ``weights`` has; ValueError naming it otherwise."""
     if weights in ("random", "pretrained"):
         return weights

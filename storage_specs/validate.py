@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import jsonschema
 import numpy as np
@@ -85,6 +85,36 @@ def validate_store(
         problems += _data_problems(url, root, arrays, progress, client)
         problems += _lossy_problems(url)
     return problems
+
+
+class Stages(NamedTuple):
+    """A store finished for some stages while others wait: `features` (backbones), `latents`
+    (targets); `groups` are the finished groups, which validate like a complete store."""
+
+    finished: list[str]
+    pending: list[str]
+    groups: list[str]
+
+
+def pending_stages(url: str) -> Stages | None:
+    """The stages of a store whose finishing step left groups pending (its summary's
+    `pending_groups`); None for a complete store, an unfinished one, or no store."""
+    try:
+        root = open_root(url, consolidated=False)
+    except StoreError:
+        return None
+    waiting = set(root.attrs.get("summary", {}).get("pending_groups", []))
+    if root.attrs.get("complete") or not waiting:
+        return None
+    groups: dict[str, set[str]] = {}
+    for path in stored_arrays(root):
+        stage = "features" if path.split("/")[0] in ("features", "prefix_tokens") else "latents"
+        groups.setdefault(stage, set()).add(root[path].attrs["group"])
+    pending = sorted(stage for stage, names in groups.items() if names & waiting)
+    finished = sorted(set(groups) - set(pending))
+    if not finished:
+        return None
+    return Stages(finished, pending, sorted(set(root.attrs["groups"]) - waiting))
 
 
 def _sample_problems(root: zarr.Group) -> list[str]:

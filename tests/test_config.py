@@ -66,13 +66,29 @@ def test_defaults_are_filled():
             {"backbones": [GOOD["backbones"][0], GOOD["backbones"][0]]},
             "config backbones[1].name: 'resnet18' is listed twice",
         ),
+        (
+            {"backbones": [{**GOOD["backbones"][0], "weights": "/no/such/resnet18.safetensors"}]},
+            "config backbones[0].weights: weights file '/no/such/resnet18.safetensors' does not",
+        ),
+        (
+            {"backbones": [{**GOOD["backbones"][0], "weights": "file:///no/such/r18.pth"}]},
+            "config backbones[0].weights: weights file 'file:///no/such/r18.pth' does not exist",
+        ),
+        (
+            {"backbones": [{**GOOD["backbones"][0], "weights": "imagenet"}]},
+            "config backbones[0].weights: unknown weights 'imagenet'; accepted: 'random'",
+        ),
+        (
+            {"store": "s3://AKIAKEY:s3cret@bucket/x.zarr"},
+            "config store: credentials in s3:// URLs are not supported",
+        ),
     ],
 )
 def test_bad_values_give_one_line(change, message):
     with pytest.raises(ConfigError) as err:
         validate_config({**GOOD, **change})
     assert message in str(err.value)
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and "s3cret" not in str(err.value)
 
 
 def test_config_files(tmp_path):
@@ -87,19 +103,35 @@ def test_config_files(tmp_path):
         load_config(tmp_path / "missing.yaml")
 
 
-def test_cli_and_snakemake_stop_with_one_line(tmp_path):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"batch_size": "big"}, "config batch_size: 'big' is not of type 'integer'"),
+        (
+            {"backbones": [{**GOOD["backbones"][0], "weights": "/no/such/w.pth"}]},
+            "config backbones[0].weights: weights file '/no/such/w.pth' does not exist",
+        ),
+        (
+            {"source": "s3://AKIAKEY:s3cret@bucket/images"},
+            "config source: credentials in s3:// URLs are not supported; give them through the "
+            "environment or the provider's config files (s3: AWS_ACCESS_KEY_ID, ...)",
+        ),
+    ],
+)
+def test_cli_and_snakemake_stop_with_one_line(tmp_path, change, message):
     path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({**GOOD, "batch_size": "big"}))
+    path.write_text(yaml.safe_dump({**GOOD, **change}))
     cli = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "check-config", str(path)],
         capture_output=True,
         text=True,
     )
     assert cli.returncode == 2
-    assert cli.stderr.strip() == "featinv: error: config batch_size: 'big' is not of type 'integer'"
+    assert cli.stderr.strip() == f"featinv: error: {message}"
     run = snakemake(path, tmp_path, "--cores", "1")
     assert run.returncode != 0
-    assert "featinv: config batch_size: 'big' is not of type 'integer'" in run.stderr
+    assert f"featinv: {message}" in run.stderr and "Traceback" not in run.stderr
+    assert "s3cret" not in run.stdout + run.stderr
     assert not (tmp_path / "stores").exists() and not (tmp_path / "data").exists()
 
 

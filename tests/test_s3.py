@@ -268,12 +268,11 @@ def test_credentials_never_in_provenance(s3, tmp_path, capsys):
     assert os.environ["AWS_SECRET_ACCESS_KEY"] == SECRET_KEY  # the environment holds one pair
     url_key, url_secret = "AKIAINURLKEY5W8N3D1X", "url/Secret+In/The+Url9Qw"  # the URLs another
     in_url = f"{url_key}:{url_secret.replace('/', '%2F')}"
-    config = make_config(
-        tmp_path,
-        f"s3://{in_url}@photos/images",
-        store=f"s3://{in_url}@feats/store.zarr",
-        **CONFIG,
-    )
+    config = {  # as given: the config check itself refuses such URLs (below)
+        **make_config(tmp_path, "s3://photos/images", store="s3://feats/store.zarr", **CONFIG),
+        "source": f"s3://{in_url}@photos/images",
+        "store": f"s3://{in_url}@feats/store.zarr",
+    }
     recorded = provenance(config)
     assert recorded["config"]["source"] == "s3://photos/images"
     assert recorded["config"]["store"] == "s3://feats/store.zarr"
@@ -284,9 +283,11 @@ def test_credentials_never_in_provenance(s3, tmp_path, capsys):
     assert redact_url("https://user:pw@example.org:8443/a.tar") == "https://example.org:8443/a.tar"
 
     # s3fs never uses keys in a URL (it reads them as part of the bucket name, and the error
-    # would repeat them into Snakemake's log): every command refuses them in one line.
+    # would repeat them into Snakemake's log): the config check of every command (and of
+    # Snakemake, see test_config) refuses them in one line.
     path = str(write_config(tmp_path, config))
     for argv, what in (
+        (["check-config", path], "config source"),
         (["plan", path], "config source"),
         (["extract-shard", path, "--shard", "0"], "config source"),
         (["finalize", path], "config source"),

@@ -1,0 +1,75 @@
+"""An object store that cannot be reached, said in one line that names its endpoint.
+
+botocore and aiohttp raise many kinds of connection errors (refused, reset, timed out), sometimes
+wrapped in others, and a DataLoader worker's error comes back as a RuntimeError that only names
+the original type.  A user needs one fact from all of them: which endpoint was unreachable.  Only
+scheme, host and port are shown, never credentials.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from urllib.parse import urlsplit
+
+import aiohttp
+import botocore.exceptions
+
+CONNECTION_ERRORS = (
+    botocore.exceptions.ConnectionError,  # refused, connect timeout, proxy
+    botocore.exceptions.HTTPClientError,  # closed mid-request, read timeout
+    aiohttp.ClientConnectionError,
+)
+_WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker")
+_ENDPOINT_IN_MESSAGE = re.compile(r'endpoint URL: "([^"]+)"')
+
+
+def _worker_error_name(exc: BaseException) -> str | None:
+    """The type name of a connection error re-raised from a DataLoader worker, else None."""
+    match = _WORKER_ERROR.match(str(exc))
+    if match is None:
+        return None
+    cls = getattr(botocore.exceptions, match[1], None) or getattr(aiohttp, match[1], None)
+    return match[1] if isinstance(cls, type) and issubclass(cls, CONNECTION_ERRORS) else None
+
+
+def _connection_error(exc: BaseException | None) -> tuple[BaseException, str] | None:
+    """The connection error in `exc`'s chain (causes, contexts) with its type name, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, CONNECTION_ERRORS):
+            return exc, type(exc).__name__
+        name = _worker_error_name(exc)
+        if name:
+            return exc, name
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def endpoint_of(exc: BaseException) -> str:
+    """scheme://host[:port] the error names, else the configured one (AWS_ENDPOINT_URL...)."""
+    url = getattr(exc, "kwargs", {}).get("endpoint_url")
+    match = _ENDPOINT_IN_MESSAGE.search(str(exc))
+    url = (
+        url
+        or (match and match[1])
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if not url:
+        return "AWS's default S3 endpoint"
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+def unreachable_message(exc: BaseException) -> str | None:
+    """One line for an error caused by an unreachable object store; None for any other error."""
+    found = _connection_error(exc)
+    if found is None:
+        return None
+    error, name = found
+    return (
+        f"object store at {endpoint_of(error)} unreachable ({name}); committed shards are kept, "
+        "rerun the same command once it is back"
+    )

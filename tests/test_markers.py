@@ -1,0 +1,87 @@
+"""The store is the authority over Snakemake's markers in work_dir: after a complete run, a store
+that is deleted (or its bucket emptied) or replaced by another one is rebuilt by the same command,
+locally and on S3 (the loopback moto server)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import s3fs
+import zarr
+
+from pipeline.plan import plan_store
+from storage_specs.validate import validate_store
+from tests.conftest import make_config, snakemake, write_config
+
+# One shard of the small collection, one small random backbone: three jobs per run.
+CONFIG = {
+    "shard_size": 9,
+    "backbones": [
+        {
+            "name": "resnet18",
+            "weights": "random",
+            "layers": ["layer4"],
+            "preprocessing": {"input_size": 64},
+        }
+    ],
+}
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path) -> str:
+    if request.param == "local":
+        return str(tmp_path / "store.zarr")
+    return f"{request.getfixturevalue('s3_bucket')}/store.zarr"
+
+
+def _delete(url: str) -> None:
+    """Delete the store; on S3 empty its whole bucket, as a user clearing it would."""
+    if not url.startswith("s3://"):
+        shutil.rmtree(url)
+        return
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    bucket = url.removeprefix("s3://").split("/")[0]
+    fs.rm(fs.find(bucket))
+    assert fs.find(bucket) == []
+    s3fs.S3FileSystem.clear_instance_cache()  # zarr's client in this process listed the store
+
+
+def _run(tmp_path) -> str:
+    result = snakemake(tmp_path / "config.yaml", tmp_path, "--cores", "2")
+    errors = [line for line in result.stderr.splitlines() if line.startswith("featinv: error")]
+    assert result.returncode == 0, errors or result.stderr[-3000:]
+    s3fs.S3FileSystem.clear_instance_cache()  # listings cached by this process are stale
+    return result.stdout + result.stderr
+
+
+def _complete(url: str) -> str:
+    assert validate_store(url) == []
+    root = zarr.open_group(url, mode="r")
+    assert root.attrs["complete"] is True and len(root.attrs["store_id"]) == 32
+    return root.attrs["store_id"]
+
+
+def test_gone_or_replaced_store_is_rebuilt(small_dir, tmp_path, store):
+    config = make_config(tmp_path, small_dir, store=store, **CONFIG)
+    write_config(tmp_path, config)
+    out = _run(tmp_path)
+    first = _complete(store)
+    assert out.count("bytes on disk") == 1  # the summary, once
+
+    _delete(store)
+    out = _run(tmp_path)
+    assert f"featinv: store {store} is gone; its markers in " in out
+    assert "Nothing to be done" not in out
+    second = _complete(store)
+    assert second != first
+
+    _delete(store)
+    plan_store(config)  # another store at the same URL: planned, nothing committed
+    out = _run(tmp_path)
+    assert f"featinv: store {store} was replaced by another one" in out
+    assert _complete(store) not in (first, second)
+
+    out = _run(tmp_path)
+    assert "Nothing to be done" in out and "featinv: store" not in out
+    assert "bytes on disk" not in out  # nothing finished: no summary
