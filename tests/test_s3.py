@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 import s3fs
 import zarr
+from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.cli import main as cli_main
 from pipeline.config import public_config
+from pipeline.endpoints import unreachable_message
 from pipeline.sources import read_items
 from storage_specs.provenance import provenance, redact_url
 from storage_specs.validate import validate_store
@@ -207,8 +209,9 @@ def test_server_outage_mid_run_then_rerun(s3, images, reference, tmp_path, monke
             proc.wait(timeout=60)
     output = log.read_text()
     _no_credentials("snakemake output during the outage", output.encode())
-    if proc.returncode != 0:  # botocore's errors name the endpoint they could not reach
-        assert f'endpoint URL: "{s3.endpoint}/' in output, output[-3000:]
+    if proc.returncode != 0:  # each failed job: one line naming the endpoint, no traceback
+        assert f"featinv: error: object store at {s3.endpoint} unreachable (" in output, output
+        assert "Traceback" not in output, output[-3000:]
     assert down_for > 1 and before < N_SHARDS  # the server was gone mid-run
     fs = s3.filesystem()
     assert _commits(fs, config["store"]) >= 1  # committed work survived the outage
@@ -259,8 +262,43 @@ def test_unreachable_storage_fails_reads_instead_of_skipping(s3, images, small_d
 
     s3.stop()
     for uri in uris:
-        with pytest.raises(Exception, match="Could not connect to the endpoint URL"):
+        with pytest.raises(Exception, match="Could not connect to the endpoint URL") as caught:
             list(read_items([uri]))
+        assert unreachable_message(caught.value).startswith(
+            f"object store at {s3.endpoint} unreachable (EndpointConnectionError); "
+        )
+    # Extraction reads in DataLoader workers, which re-raise it as a RuntimeError naming the type.
+    with pytest.raises(RuntimeError, match="Caught EndpointConnectionError") as caught:
+        list(DataLoader(_Reads(uris), num_workers=1, batch_size=None))
+    assert unreachable_message(caught.value).startswith(f"object store at {s3.endpoint} unrea")
+
+
+class _Reads(IterableDataset):
+    def __init__(self, uris: list[str]):
+        self.uris = uris
+
+    def __iter__(self):
+        return read_items(self.uris)
+
+
+def test_unreachable_store_fails_commands_in_one_line(s3, reference, monkeypatch):
+    """Every command that reaches a stopped object store ends in one line naming its endpoint
+    (never a credential), through the real CLI."""
+    config, _, tmp = reference
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    s3.stop()
+    for args in (
+        ["validate", config["store"]],
+        ["plan", str(tmp / "config.yaml")],
+        ["extract-shard", str(tmp / "config.yaml"), "--shard", "0"],
+    ):
+        result = _featinv(*args)
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert result.stderr.splitlines() == [
+            f"featinv: error: object store at {s3.endpoint} unreachable (EndpointConnectionError);"
+            " committed shards are kept, rerun the same command once it is back"
+        ]
+        _no_credentials(args[0], result.stderr.encode())
 
 
 def test_credentials_never_in_provenance(s3, tmp_path, capsys):
