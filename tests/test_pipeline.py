@@ -199,7 +199,7 @@ def test_summary_shows_cat_and_skips(run):
     chelsea = next(line for line in out.splitlines() if "animals/chelsea " in line and "->" in line)
     cls = int(chelsea.split("->")[1].split()[0])
     assert 281 <= cls <= 285, chelsea  # ImageNet's domestic cat classes
-    assert "bytes on disk" in out
+    assert out.count("bytes on disk") == 1  # the summary: once per run, not once per stage
 
 
 def test_snakemake_all_trains_samples_evaluates_and_reports(run):
@@ -276,3 +276,32 @@ def test_flipped_byte_fails_validation(run, tmp_path):
     assert bad.returncode == 1
     assert "features/efficientnet_lite0/blocks.3 shard 1" in bad.stderr
     assert "features/efficientnet_lite0/bn2" not in bad.stderr
+
+
+def test_validate_says_latents_pending(small_dir, tmp_path, capsys):
+    """Features extracted and finalised, targets not encoded yet: one line and exit code 3, not a
+    list of uncommitted shards; a flipped byte in the finished part is still found."""
+    from pipeline.cli import main as cli_main
+
+    backbone = {"name": "resnet18", "layers": ["layer4"], "preprocessing": {"input_size": 64}}
+    config = make_config(tmp_path, small_dir, shard_size=9, backbones=[backbone],
+                         targets=[{"name": "pixels", "kind": "pixels", "size": 16}])  # fmt: skip
+    path = str(write_config(tmp_path, config))
+    for argv in (["plan", path], ["extract-shard", path, "--shard", "0"],
+                 ["finalize", path, "--stage", "features"]):  # fmt: skip
+        cli_main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["validate", config["store"]])
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 3 and "INVALID" not in err
+    assert out.splitlines() == [
+        f"{config['store']}: features complete; latents pending: run `snakemake encode_latents`"
+    ]
+    shard = tmp_path / "store.zarr/features/resnet18/layer4/c/0/0/0/0/0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["validate", config["store"]])
+    assert exit_.value.code == 1 and "features/resnet18/layer4 shard 0" in capsys.readouterr().err
