@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import resolve_data_config
-from torchvision.transforms.functional import normalize, to_tensor
+from torchvision.transforms.functional import normalize
 
-from pipeline.views import render_view
+from pipeline.views import render_views
 from pipeline.weights import WeightsInfo, create_backbone
 from storage_specs.layout import ArraySpec
 
@@ -73,16 +73,12 @@ class Backbone:
         """The resolved timm data config, JSON-able, as recorded in the store."""
         return {k: _jsonable(self.data_config[k]) for k in PREPROCESSING_KEYS}
 
-    def prepare(self, image: Image.Image, views: np.ndarray) -> torch.Tensor:
-        """`[K, 3, H, W]` normalised inputs; view 0 equals timm's eval transform exactly."""
+    def prepare(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
+        """`[K, 3, H, W]` normalised inputs (of a PIL image, or of a decoded uint8 tensor on its
+        device); view 0 equals timm's eval transform exactly."""
         cfg = self.data_config
-        return torch.stack(
-            [
-                normalize(to_tensor(render_view(image, v, self.input_hw, cfg["interpolation"])),
-                          cfg["mean"], cfg["std"])
-                for v in views
-            ]
-        )  # fmt: skip
+        pixels = render_views(image, views, self.input_hw, cfg["interpolation"])
+        return normalize(pixels.float() / 255, cfg["mean"], cfg["std"])  # as to_tensor does
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps
 
-__all__ = ["FORMATS", "ImageLimits", "SkipSample", "decode_image", "decode_jpegs"]
+__all__ = ["FORMATS", "ImageLimits", "SkipSample", "decode_image", "decode_jpegs", "jpeg_size"]
 
 #: Formats PIL may try, in this order (those this PIL build lacks are left out).
 FORMATS: tuple[str, ...] = (
@@ -180,7 +180,7 @@ def decode_jpegs(
     """
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    taken = [i for i, data in enumerate(datas) if _plain_jpeg(data, limits)]
+    taken = [i for i, data in enumerate(datas) if jpeg_size(data, limits)]
     tensors = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in taken]
     out: list[torch.Tensor | None] = [None] * len(datas)
     try:
@@ -197,18 +197,20 @@ def decode_jpegs(
     return out
 
 
-def _plain_jpeg(data: bytes, limits: ImageLimits) -> bool:
-    """A JPEG that decodes to the same pixels without PIL's conversions (header only)."""
+def jpeg_size(data: bytes, limits: ImageLimits = ImageLimits()) -> tuple[int, int] | None:
+    """(width, height) of a JPEG that decodes to the same pixels without PIL's conversions (whole,
+    upright, RGB or grey, within `limits`), from its header; None for anything else."""
     if not data.startswith(b"\xff\xd8") or not data.endswith(b"\xff\xd9"):
-        return False  # not a JPEG, or truncated / trailing bytes: PIL decides
+        return None  # not a JPEG, or truncated / trailing bytes: PIL decides
     if len(data) > limits.max_bytes:
-        return False
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=("JPEG",)) as im:
                 _check_size(im.size, limits)
                 upright = im.getexif().get(_EXIF_ORIENTATION, 1) == 1
-                return im.format == "JPEG" and im.mode in ("RGB", "L") and upright
+                plain = im.format == "JPEG" and im.mode in ("RGB", "L") and upright
+                return im.size if plain else None
     except Exception:  # anything odd: the PIL path decides and records why
-        return False
+        return None

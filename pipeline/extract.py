@@ -11,6 +11,7 @@ record: a shard is either committed and complete, or absent and redone whole by 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from pipeline.config import with_credentials
-from pipeline.decode import ImageLimits, SkipSample, decode_image
+from pipeline.decode import ImageLimits, SkipSample, decode_image, decode_jpegs, jpeg_size
 from pipeline.encoders import Encoder, load_encoders
 from pipeline.sources import read_items
 from pipeline.views import ViewSpec, draw_views
@@ -89,18 +90,67 @@ class ShardImages(IterableDataset):
         encoders: dict[str, Prepare],
         views: ViewSpec,
         limits: ImageLimits,
+        defer_jpegs: bool = False,
     ):
         self.uris, self.keys, self.encoders = uris, keys, encoders
-        self.views, self.limits = views, limits
+        self.views, self.limits, self.defer_jpegs = views, limits, defer_jpegs
 
     def __iter__(self):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         rows = range(worker, len(self.uris), n_workers)
         for i, data in read_items([self.uris[row] for row in rows]):
-            row = rows[i]
-            yield {"row": row, **prepare(data, self.keys[row], self.encoders, self.views,
-                                         self.limits)}  # fmt: skip
+            row, key = rows[i], self.keys[rows[i]]
+            size = (
+                jpeg_size(data, self.limits)
+                if self.defer_jpegs and isinstance(data, bytes)
+                else None
+            )
+            if size is None:
+                yield {"row": row, **prepare(data, key, self.encoders, self.views, self.limits)}
+            else:  # the job decodes it with its batch on the device (DeviceDecoder)
+                width, height = size
+                views = draw_views(key, height, width, self.views)
+                yield {"row": row, "inputs": None, "jpeg": data, "key": key, "views": views,
+                       "height": height, "width": width, "error": ""}  # fmt: skip
+
+
+def decodes_on_device(device: torch.device) -> bool:
+    """JPEGs are decoded on a GPU (nvJPEG) with their batch; elsewhere in the decode workers."""
+    return device.type == "cuda"
+
+
+@dataclass
+class DeviceDecoder:
+    """Decodes a batch's JPEGs on the job's device and prepares their views there (exactly the
+    PIL path's resampling); a JPEG the device cannot decode goes the PIL way, counted."""
+
+    device: torch.device
+    encoders: dict[str, Prepare]
+    views: ViewSpec
+    limits: ImageLimits
+    decoded: int = 0
+    fallbacks: int = 0
+
+    def __call__(self, batch: list[dict]) -> None:
+        """Fill in the inputs of the batch's deferred JPEGs (None if PIL then skips one) and move
+        every sample's inputs to the device."""
+        jpegs = [sample for sample in batch if sample.get("jpeg") is not None]
+        images = decode_jpegs([sample["jpeg"] for sample in jpegs], self.device, self.limits)
+        for sample, image in zip(jpegs, images, strict=True):
+            try:
+                inputs = {n: fn(image, sample["views"]) for n, fn in self.encoders.items()}
+                self.decoded += 1
+            except Exception:  # not decoded (None) or not prepared there: the PIL path decides
+                self.fallbacks += 1
+                pil = prepare(sample.pop("jpeg"), sample["key"], self.encoders, self.views,
+                              self.limits)  # fmt: skip
+                sample.update(pil)
+                continue
+            sample["inputs"] = inputs
+        for sample in batch:
+            if sample["inputs"] is not None:
+                sample["inputs"] = {n: x.to(self.device) for n, x in sample["inputs"].items()}
 
 
 def pick_device(name: str) -> torch.device:
@@ -247,9 +297,10 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
     views = ViewSpec.from_config(root.attrs["views"])
     sources = np.concatenate([root["samples/source"][start:stop] for start, stop in ranges])
     keys = np.concatenate([root["samples/key"][start:stop] for start, stop in ranges])
+    prepares, limits = {e.name: e.prepare for e in encoders}, ImageLimits(**config["image_limits"])
+    decoder = DeviceDecoder(device, prepares, views, limits) if decodes_on_device(device) else None
     dataset = ShardImages([with_credentials(u, config["source"]) for u in sources], keys.tolist(),
-                          {e.name: e.prepare for e in encoders}, views,
-                          ImageLimits(**config["image_limits"]))  # fmt: skip
+                          prepares, views, limits, defer_jpegs=decoder is not None)  # fmt: skip
     loader = DataLoader(
         dataset,
         batch_size=None,
@@ -259,7 +310,7 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
     samples = iter(loader)
     bar = tqdm(total=len(keys), unit="img", disable=not progress, desc="extract")
     job = Job(encoders, config["batch_size"], views.count, autocast_for(config["autocast"], device),
-              bar)  # fmt: skip
+              bar, decoder)  # fmt: skip
     records, committing, offset = {}, None, 0
     with ThreadPoolExecutor(1, thread_name_prefix="featinv-writer") as thread:
         for shard, (start, stop) in zip(shards, ranges, strict=True):
@@ -280,6 +331,9 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
             committing = thread.submit(_commit, writer, encoded, records[shard])
         committing.result()
     bar.close()
+    if decoder is not None:
+        print(f"featinv: {decoder.decoded} JPEGs decoded on {device}, {decoder.fallbacks} by PIL "
+              "after the device could not", file=sys.stderr)  # fmt: skip
     return records
 
 
@@ -300,6 +354,7 @@ class Job:
     n_views: int
     autocast: Callable
     bar: tqdm
+    decoder: DeviceDecoder | None = None
 
     def run_shard(self, samples: Iterable[dict], offset: int, writer: ShardWriter,
                   thread: ThreadPoolExecutor) -> tuple[list[Future], dict]:  # fmt: skip
@@ -312,23 +367,37 @@ class Job:
         encoded = []
         for sample in samples:
             sample["row"] -= offset
-            for field in meta:
-                if sample[field] is not None:
-                    meta[field][sample["row"]] = sample[field]
-            if sample["inputs"] is None:
-                self.bar.update()
+            self.record(meta, sample, blank)
+            if sample["inputs"] is None and sample.get("jpeg") is None:
                 continue
             batch.append(sample)
             if len(batch) == self.batch_size:
-                encoded.append(self.run_batch(batch, writer, thread))
+                encoded += self.run_batch(batch, writer, thread, meta, blank)
                 batch = []
         if batch:
-            encoded.append(self.run_batch(batch, writer, thread))
+            encoded += self.run_batch(batch, writer, thread, meta, blank)
         meta["views"] = [np.asarray(v, np.float32).tolist() for v in meta["views"]]
         return encoded, meta
 
-    def run_batch(self, batch: list[dict], writer: ShardWriter,
-                  thread: ThreadPoolExecutor) -> Future:  # fmt: skip
+    def record(self, meta: dict, sample: dict, blank: np.ndarray) -> None:
+        """A sample's metadata; a skipped one counts as done (and has no views)."""
+        for field in meta:
+            if sample[field] is not None:
+                meta[field][sample["row"]] = sample[field]
+        if sample["error"]:
+            meta["views"][sample["row"]] = blank
+            self.bar.update()
+
+    def run_batch(self, batch: list[dict], writer: ShardWriter, thread: ThreadPoolExecutor,
+                  meta: dict, blank: np.ndarray) -> list[Future]:  # fmt: skip
+        if self.decoder is not None:
+            self.decoder(batch)
+            for sample in batch:
+                if sample["inputs"] is None:  # PIL skipped a JPEG the device could not decode
+                    self.record(meta, sample, blank)
+            batch = [sample for sample in batch if sample["inputs"] is not None]
+            if not batch:
+                return []
         run_batch(self.encoders, batch, writer, self.autocast)
         self.bar.update(len(batch))
-        return thread.submit(writer.encode, batch[0]["row"], batch[-1]["row"] + 1)
+        return [thread.submit(writer.encode, batch[0]["row"], batch[-1]["row"] + 1)]

