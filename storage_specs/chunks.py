@@ -4,9 +4,11 @@ Plain zarr reads a chunk of a sharded array by first fetching the shard's index,
 chunk after another.  Training reads random batches, so this reader keeps every shard index it has
 read in one table (a batch's lookups are one numpy indexing), reads nearby chunks of a shard as one
 byte range (local files synchronously with `os.pread`; object stores concurrently through zarr's
-store), then checks each chunk's crc32c and decodes it straight into the batch, in threads (the
-codecs release the GIL).  The decoders are numcodecs', chosen by the array's codec
-metadata; chains without one (e.g. the quantize serializer) fall back to zarr's per-chunk reads.
+store), then checks each chunk's crc32c and decodes it straight into the batch.  Decoding is
+shared by the caller and helper threads (the codecs release the GIL), part by part, so a helper
+that gets no core (a busy machine, DataLoader workers on every core) costs nothing but its wake-up.
+The decoders are numcodecs', chosen by the array's codec metadata; chains without one (e.g. the
+quantize serializer) fall back to zarr's per-chunk reads.
 """
 
 from __future__ import annotations
@@ -35,8 +37,8 @@ from storage_specs.layout import shard_key
 EMPTY = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
 MAX_GAP = 1 << 20  # bytes of unwanted data worth reading to save an object store request
 LOCAL_GAP = 0  # locally a read costs less than copying unwanted bytes: only touching chunks merge
-THREADS = min(8, len(os.sched_getaffinity(0)))  # decoding threads per batch, the caller's included
-PER_THREAD = 8  # fewer chunks than this per thread: handing them over costs more than it saves
+THREADS = min(8, len(os.sched_getaffinity(0)))  # default decoding threads, the caller's included
+PER_PART = 8  # chunks decoded per turn: the threads take turns until none is left
 # `decode(source, dest=None)` of byte codecs that read every setting they need from the frame.
 DECODERS = {"blosc": numcodecs.blosc.decompress, "zstd": numcodecs.zstd.decompress,
             "gzip": numcodecs.GZip().decode}  # fmt: skip
@@ -49,7 +51,7 @@ Range = tuple[int, int, int | None]  # shard, start, stop (stop None: the last -
 @functools.cache
 def _pool(pid: int) -> ThreadPoolExecutor:
     """This process's decoding threads (a forked DataLoader worker starts its own)."""
-    return ThreadPoolExecutor(THREADS - 1, thread_name_prefix="featinv-decode")
+    return ThreadPoolExecutor(max(THREADS - 1, 1), thread_name_prefix="featinv-decode")
 
 
 def _decoder(codec: dict) -> Decoder | None:
@@ -66,12 +68,14 @@ def _decoder(codec: dict) -> Decoder | None:
 class ChunkReader:
     """Batched reads of `arr[row, view]` chunks (one sample-view each, as SPEC.md lays out)."""
 
-    def __init__(self, arr: zarr.Array):
+    def __init__(self, arr: zarr.Array, threads: int = THREADS):
         self.arr = arr
+        self.threads = threads
         self.store = arr.store_path.store
         self.chunk_shape = arr.chunks[2:]
         self.dtype = arr.dtype
-        n_shards = -(-arr.shape[0] // arr.shards[0])
+        self.shard_rows = arr.shards[0]  # zarr computes `shards` anew at every access
+        n_shards = -(-arr.shape[0] // self.shard_rows)
         # Offset and size of every chunk, filled shard by shard (untouched pages of zeros are free).
         self.table = np.zeros((n_shards, *arr.shards[:2], 2), np.uint64)
         self.loaded = np.zeros(n_shards, bool)
@@ -176,7 +180,7 @@ class ChunkReader:
         on object stores a random batch from a small store costs few requests, from a large one
         about one per chunk, all concurrent.
         """
-        shards, local = np.divmod(pairs[:, 0], self.arr.shards[0])
+        shards, local = np.divmod(pairs[:, 0], self.shard_rows)
         self._load_indexes(np.unique(shards[~self.loaded[shards]]))
         entries = self.table[shards, local, pairs[:, 1]]
         written = np.flatnonzero(entries[:, 0] != EMPTY)
@@ -246,14 +250,20 @@ class ChunkReader:
         if not self.fast:
             return np.stack([self.arr[row, view] for row, view in pairs.tolist()])
         chunks = self._chunks(pairs)
-        parts = np.array_split(
-            np.arange(len(pairs)), max(1, min(THREADS, len(pairs) // PER_THREAD))
-        )
-        futures = [_pool(os.getpid()).submit(self._decode_all, chunks, pairs, out, part)
-                   for part in parts[1:]]  # fmt: skip
+        n_parts = -(-len(pairs) // PER_PART)
+        parts = iter(np.array_split(np.arange(len(pairs)), n_parts))
+
+        def decode_parts() -> None:  # until no part is left (next() on a list is atomic)
+            for part in parts:
+                self._decode_all(chunks, pairs, out, part)
+
+        helpers = [
+            _pool(os.getpid()).submit(decode_parts) for _ in range(min(self.threads, n_parts) - 1)
+        ]
         try:
-            self._decode_all(chunks, pairs, out, parts[0])
-        finally:
-            for future in futures:
-                future.result()  # raises a thread's checksum error
+            decode_parts()
+        finally:  # a helper that no core ran meanwhile has nothing left to do: it is cancelled
+            for helper in helpers:
+                if not helper.cancel():
+                    helper.result()  # raises its checksum error
         return out

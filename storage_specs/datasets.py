@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from storage_specs.chunks import ChunkReader
+from storage_specs.chunks import THREADS, ChunkReader
 from storage_specs.layout import StoreError
 from storage_specs.reader import FeatureStore
 
@@ -59,7 +59,9 @@ class PairDataset(torch.utils.data.Dataset):
     def _reader(self, path: str) -> ChunkReader:
         if self._readers is None:
             store = FeatureStore(self.url)
-            self._readers = {p: ChunkReader(store.root[p]) for p in self.arrays.values()}
+            # A DataLoader worker decodes on one thread: the other workers use the other cores.
+            threads = 1 if torch.utils.data.get_worker_info() else THREADS
+            self._readers = {p: ChunkReader(store.root[p], threads) for p in self.arrays.values()}
         return self._readers[path]
 
     def item(self, index: int) -> tuple[int, int]:
@@ -85,7 +87,7 @@ class PairDataset(torch.utils.data.Dataset):
             name: torch.from_numpy(self._reader(path).read(pairs))
             for name, path in self.arrays.items()
         }
-        batch["row"], batch["view"] = torch.from_numpy(pairs.T.copy())
+        batch["row"], batch["view"] = (torch.from_numpy(pairs[:, i].copy()) for i in (0, 1))
         batch["key"] = self.keys[pairs[:, 0]].tolist()
         return batch
 
