@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -73,6 +74,7 @@ def test_pair_dataset_with_workers(store_url):
         store_url, {"features": "features/resnet18/layer4", "target": "pixels/pixels/rgb"}
     )
     assert len(ds) == 8 * 3
+    whole = ds[list(range(len(ds)))]  # decoded in this process's threads, before the fork
     loader = torch.utils.data.DataLoader(
         ds, batch_size=5, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0),
         collate_fn=lambda items: items,
@@ -89,6 +91,7 @@ def test_pair_dataset_with_workers(store_url):
             assert item["key"] == keys[row]
             seen.append((row, view))
     assert sorted(seen) == sorted({(r, v) for r, v in seen}) and len(seen) == 24
+    assert np.array_equal(whole["features"].numpy(), features[whole["row"], whole["view"]])
     with pytest.raises(IndexError):
         ds[24]
 
@@ -115,6 +118,92 @@ def test_chunk_reader_matches_zarr_and_checks_crc(store_url, tmp_path):
     broken = zarr.open_group(str(copy), mode="r")["features/resnet18/layer3"]
     with pytest.raises(OSError, match="checksum mismatch"):
         ChunkReader(broken).read([(0, 0)])
+
+
+def _copy_with_codecs(src, path: Path, codecs: dict):
+    """`src`'s values rewritten with other codecs (a store's layout: a sample-view per chunk, 4
+    rows per shard, row 3 never written), reopened from its metadata."""
+    import zarr
+
+    arr = zarr.create_group(str(path)).create_array(
+        "features/copy", shape=src.shape, chunks=(1, 1, *src.shape[2:]),
+        shards=(4, *src.shape[1:]), dtype=src.dtype, fill_value=0, **codecs,
+    )  # fmt: skip
+    arr[:3], arr[4:] = src[:3], src[4:]
+    return zarr.open_group(str(path), mode="r")["features/copy"]
+
+
+def _chains() -> dict[str, tuple[dict, bool]]:
+    """Codec chains a store may hold, and whether ChunkReader decodes them itself."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+    from storage_specs.codecs import compression_codecs
+
+    def spec(**compression) -> dict:
+        return {k: v for k, v in compression_codecs(compression, "float16").items() if k != "attrs"}
+
+    spec2 = [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+    return {
+        "lossless": (spec(mode="lossless"), True),
+        "lossless-none": (spec(mode="lossless", shuffle="none"), True),
+        "spec2-blosc-bitshuffle": ({"compressors": spec2}, True),
+        "zstd-without-crc32c": ({"compressors": [ZstdCodec(level=3)]}, True),
+        "bitround": (spec(mode="bitround", keepbits=6), True),
+        "quantize": (spec(mode="quantize", rel_l2=0.01), False),  # zarr decodes it
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
+@pytest.mark.parametrize("chain", list(_chains()))
+def test_chunk_reader_decodes_each_chain_like_zarr(store_url, tmp_path, chain):
+    """Batches in any order, with repeats and never-written chunks, across shards and in the
+    decoding threads, equal zarr's own reads of the same chunks."""
+    import zarr
+
+    from storage_specs.chunks import ChunkReader
+
+    codecs, fast = _chains()[chain]
+    src = zarr.open_group(store_url, mode="r")["features/resnet18/layer3"][:]
+    arr = _copy_with_codecs(src, tmp_path / "copy.zarr", codecs)
+    pairs = [(row, view) for row in range(9) for view in range(3)]
+    items = [pairs[i] for i in np.random.default_rng(0).permutation(27)] + pairs[9:14]
+    reader = ChunkReader(arr)
+    got = reader.read(items)
+    assert reader.fast == fast
+    np.testing.assert_array_equal(got, np.stack([arr[r, v] for r, v in items]))
+    assert not got[[i for i, (r, _) in enumerate(items) if r == 3]].any()  # the fill value
+    assert reader.read([]).shape == (0, *src.shape[2:])
+    with pytest.raises(IndexError, match=r"row 9, view 0"):
+        reader.read([(0, 0), (9, 0)])
+
+
+@pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
+def test_chunk_reader_fails_on_a_flipped_bit_in_any_thread(store_url, tmp_path):
+    """A corrupt chunk read last in a batch (decoded by a pool thread) or a corrupt shard index
+    fails the read with a line naming it."""
+    import zarr
+
+    from storage_specs.chunks import ChunkReader
+
+    src = zarr.open_group(store_url, mode="r")["features/resnet18/layer3"][:]
+    arr = _copy_with_codecs(src, tmp_path / "copy.zarr", _chains()["lossless"][0])
+    shard = tmp_path / "copy.zarr/features/copy/c/1/0/0/0/0"
+    clean = shard.read_bytes()
+    index = ChunkReader(arr)
+    index.read([(4, 0)])
+    offset, nbytes = (int(x) for x in index.table[1, 1, 2])  # row 5, view 2
+    items = [(row, view) for row in range(9) for view in range(3) if (row, view) != (5, 2)]
+    for flip, error in ((offset + nbytes // 2, "row 5 view 2: chunk checksum mismatch"),
+                        (len(clean) - 10, "shard 1: missing or corrupt shard index")):  # fmt: skip
+        data = bytearray(clean)
+        data[flip] ^= 0x01
+        shard.write_bytes(bytes(data))
+        with pytest.raises(OSError, match=error):
+            ChunkReader(arr).read([*items, (5, 2)])
+    shard.write_bytes(clean)
+    np.testing.assert_array_equal(
+        ChunkReader(arr).read(items), np.stack([src[r, v] for r, v in items])
+    )
 
 
 def test_export_webdataset_reads_back_with_plain_webdataset(store_url, tmp_path):
