@@ -217,6 +217,14 @@ def cmd_info(args) -> None:
     print_summary(args.store, classify=args.classify)
 
 
+def cmd_migrate(args) -> None:
+    from storage_specs.migrate import migrate_store
+
+    check_url("store", args.store)
+    changed = migrate_store(args.store)
+    print(f"{args.store}: featinv-store/3 ({len(changed)} arrays renamed their dimensions)")
+
+
 def cmd_export_webdataset(args) -> None:
     from storage_specs.export import export_webdataset
 
@@ -379,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("info", cmd_info, "print a store's summary")
     p.add_argument("store")
     p.add_argument("--no-classify", dest="classify", action="store_false")
+    p = add("migrate", cmd_migrate, "upgrade a featinv-store/2 store to /3 in place")
+    p.add_argument("store")
     return parser
 
 

@@ -19,14 +19,19 @@ from zarr.core.sync import sync
 
 from storage_specs.codecs import compression_codecs  # also registers featinv.quantize
 
-SPEC_VERSION = "featinv-store/2"
+SPEC_VERSION = "featinv-store/3"
+# Stores readers still accept: spec 2 differs only in metadata (`featinv migrate` upgrades it).
+READABLE_SPECS = ("featinv-store/2", SPEC_VERSION)
 # Per-view dimensions of each kind of per-sample array; every one is [sample, view, ...].
 KINDS = {
     "features": ("channel", "y", "x"),
     "prefix_tokens": ("token", "channel"),
     "latents": ("latent_channel", "latent_y", "latent_x"),
-    "pixels": ("rgb", "pixel_y", "pixel_x"),
+    "pixels": ("color", "pixel_y", "pixel_x"),
 }
+# Kinds whose group holds the layers of one backbone, of different shapes: their dimensions are
+# named per layer (`blocks.3.channel`), so every group opens as one consistent xarray Dataset.
+LAYER_KINDS = ("features", "prefix_tokens")
 SAMPLE_FIELDS = ("key", "source", "label", "height", "width", "valid", "error")
 VIEW_FIELDS = ("view_box", "view_hflip")
 
@@ -53,7 +58,27 @@ class ArraySpec:
 
     @property
     def dims(self) -> tuple[str, ...]:
-        return ("sample", "view", *KINDS[self.kind])
+        return array_dims(self.kind, self.name)
+
+
+def array_dims(kind: str, name: str) -> tuple[str, ...]:
+    """The `dimension_names` of the per-sample array `<kind>/<encoder>/<name>`."""
+    per_view = KINDS[kind]
+    if kind in LAYER_KINDS:
+        per_view = tuple(f"{name}.{dim}" for dim in per_view)
+    return ("sample", "view", *per_view)
+
+
+def channel_axis(kind: str) -> int:
+    """The axis of a `kind` array that holds channels: the first per-view one, except for prefix
+    tokens (`token`, `channel`)."""
+    return 3 if kind == "prefix_tokens" else 2
+
+
+def array_chunks(kind: str, shard_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """One sample-view per chunk (a random read touches one chunk), except prefix tokens: a few
+    hundred bytes per view, so one chunk per shard keeps index and framing below their data."""
+    return shard_shape if kind == "prefix_tokens" else (1, 1, *shard_shape[2:])
 
 
 class StoreError(RuntimeError):
@@ -161,16 +186,35 @@ def create_store(
         "view_hflip", shape=(n, k), chunks=(chunks[0], k), dtype="bool",
         dimension_names=("sample", "view"),
     )  # fmt: skip
+    add_sample_coordinate(root)
     for group in groups:
         root.require_group(f"commits/{group}")
     return root
+
+
+def add_sample_coordinate(root: zarr.Group) -> None:
+    """Root array `sample` (the keys, dimension `sample`): xarray makes it the index coordinate of
+    every group below (`xarray.open_datatree` inherits coordinates from parents)."""
+    keys = root["samples/key"]
+    coordinate = root.create_array(
+        "sample", shape=keys.shape, chunks=keys.chunks, dtype=str, dimension_names=("sample",),
+        overwrite=True,
+    )  # fmt: skip
+    coordinate[:] = keys[:]
 
 
 def _check_same_plan(
     root: zarr.Group, url: str, keys: Sequence[str], shard_size: int, views: dict
 ) -> None:
     if root.attrs["featinv_spec"] != SPEC_VERSION:
-        raise StoreError(f"store '{url}' has spec {root.attrs['featinv_spec']}, not {SPEC_VERSION}")
+        raise StoreError(
+            f"store '{url}' has spec {root.attrs['featinv_spec']}, not {SPEC_VERSION}"
+            + (
+                f": upgrade it with `featinv migrate {url}`"
+                if root.attrs["featinv_spec"] in READABLE_SPECS
+                else ""
+            )
+        )
     if root.attrs["shard_size"] != shard_size:
         raise StoreError(
             f"store '{url}' was planned with shard_size {root.attrs['shard_size']}, "
@@ -203,7 +247,7 @@ def _add_groups(root: zarr.Group, groups: dict[str, list[str]]) -> None:
 
 
 def require_array(root: zarr.Group, spec: ArraySpec) -> zarr.Array:
-    """Create a per-sample array (one sample-view per chunk, `shard_size` samples per shard) or
+    """Create a per-sample array (`shard_size` samples per shard, chunks by `array_chunks`) or
     check that the existing one is the same."""
     n, k = root.attrs["n_samples"], root.attrs["views"]["count"]
     shape = (n, k, *spec.per_view_shape)
@@ -221,11 +265,12 @@ def require_array(root: zarr.Group, spec: ArraySpec) -> zarr.Array:
         if stored != _json_roundtrip(attrs):
             raise StoreError(f"{spec.path} exists with other attributes (weights, preprocessing?)")
         return arr
+    shards = (root.attrs["shard_size"], k, *spec.per_view_shape)
     return root.create_array(
         spec.path,
         shape=shape,
-        chunks=(1, 1, *spec.per_view_shape),
-        shards=(root.attrs["shard_size"], k, *spec.per_view_shape),
+        chunks=array_chunks(spec.kind, shards),
+        shards=shards,
         dtype=dtype,
         fill_value=0,
         dimension_names=spec.dims,
@@ -280,7 +325,8 @@ def write_reference(root: zarr.Group, path: str, rows: list[int], values: np.nda
     """Keep exact values of `rows` beside a lossy array, so its real error can be measured."""
     root.create_array(
         reference_path(path), data=values.astype("float32"), chunks=values.shape,
-        dimension_names=root[path].metadata.dimension_names, attributes={"rows": rows},
+        dimension_names=("reference_sample", *root[path].metadata.dimension_names[1:]),
+        attributes={"rows": rows},
         overwrite=True,
     )  # fmt: skip
 

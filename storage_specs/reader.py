@@ -14,8 +14,8 @@ import numpy as np
 import zarr
 
 from storage_specs.layout import (
+    READABLE_SPECS,
     SAMPLE_FIELDS,
-    SPEC_VERSION,
     VIEW_FIELDS,
     StoreError,
     n_shards,
@@ -33,9 +33,12 @@ class FeatureStore:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # zarr warns that consolidated metadata is an extension
             self.root = open_root(url)
-        spec = self.root.attrs.get("featinv_spec")
-        if spec != SPEC_VERSION:
-            raise StoreError(f"'{url}' is not a {SPEC_VERSION} store (featinv_spec: {spec!r})")
+        self.spec = self.root.attrs.get("featinv_spec")
+        if self.spec not in READABLE_SPECS:
+            raise StoreError(
+                f"'{url}' is not a featinv store this reader knows (featinv_spec: {self.spec!r}; "
+                f"reads {', '.join(READABLE_SPECS)})"
+            )
         self.n_samples: int = self.root.attrs["n_samples"]
         self.shard_size: int = self.root.attrs["shard_size"]
         self.complete: bool = self.root.attrs["complete"]
@@ -112,7 +115,7 @@ class FeatureStore:
         summary = self.root.attrs.get("summary")  # present once any stage was finalised
         return {
             "url": self.url,
-            "spec": SPEC_VERSION,
+            "spec": self.spec,
             "complete": self.complete,
             "pending_groups": summary["pending_groups"] if summary else None,
             "n_samples": self.n_samples,

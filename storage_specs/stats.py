@@ -16,19 +16,25 @@ import numpy as np
 import zarr
 
 from storage_specs.compute import open_array, run_tasks
-from storage_specs.layout import StoreError, n_shards, open_root, shard_range, stored_arrays
+from storage_specs.layout import (
+    StoreError,
+    channel_axis,
+    n_shards,
+    open_root,
+    shard_range,
+    stored_arrays,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
 
-CHANNEL_DIMS = ("channel", "latent_channel", "rgb")
 Moments = tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # n, mean, m2, min, max
 
 
 def shard_moments(url: str, path: str, start: int, stop: int, rows: np.ndarray) -> Moments:
     """The moments of rows `start + rows` (valid rows of one shard), per channel."""
     arr = open_array(url, path)
-    axis = next(i for i, d in enumerate(arr.metadata.dimension_names) if d in CHANNEL_DIMS)
+    axis = channel_axis(path.split("/")[0])
     values = np.moveaxis(arr[start:stop][rows].astype("float64"), axis, 0)
     values = values.reshape(len(values), -1)
     mean = values.mean(1)
@@ -61,8 +67,14 @@ def _stats(parts: list[Moments]) -> dict | None:
     if not parts:
         return None
     n, mean, m2, low, high = reduce(merge, parts)
-    return {name: values.tolist() for name, values in
+    return {name: _float32_list(values) for name, values in
             (("mean", mean), ("std", np.sqrt(m2 / n)), ("min", low), ("max", high))}  # fmt: skip
+
+
+def _float32_list(values: np.ndarray) -> list[float]:
+    """Float32 precision, written as its shortest decimal: half the JSON of float64 digits, and
+    for tiny arrays (prefix tokens) the statistics would otherwise outweigh the data."""
+    return [float(str(v)) for v in values.astype(np.float32)]
 
 
 def channel_stats(

@@ -18,11 +18,13 @@ import zarr
 from storage_specs.codecs import measured_error
 from storage_specs.compute import open_array, run_tasks
 from storage_specs.layout import (
-    KINDS,
+    READABLE_SPECS,
     SAMPLE_FIELDS,
     SPEC_VERSION,
     VIEW_FIELDS,
     StoreError,
+    array_chunks,
+    array_dims,
     is_lossy,
     n_shards,
     open_root,
@@ -69,6 +71,8 @@ def validate_store(
     except StoreError as exc:
         return [str(exc)]
     spec = root.attrs.get("featinv_spec")
+    if spec in READABLE_SPECS and spec != SPEC_VERSION:
+        return [f"{url}: featinv_spec is {spec!r}; upgrade it with `featinv migrate {url}`"]
     if spec != SPEC_VERSION:
         return [f"{url}: featinv_spec is {spec!r}, this validator reads {SPEC_VERSION!r}"]
     problems = _schema_problems(root.attrs, "root", "root")
@@ -133,6 +137,8 @@ def _sample_problems(root: zarr.Group) -> list[str]:
         valid, error = root["samples/valid"][:], root["samples/error"][:]
         if any(bool(v) == bool(e) for v, e in zip(valid, error, strict=True)):
             problems.append("samples/error: must be empty exactly for valid samples")
+        if "sample" not in root or list(root["sample"][:]) != list(root["samples/key"][:]):
+            problems.append("sample: the root coordinate must hold samples/key")
     return problems
 
 
@@ -140,7 +146,7 @@ def _array_problems(root: zarr.Group, path: str) -> list[str]:
     arr = root[path]
     kind = path.split("/")[0]
     problems = _schema_problems(arr.attrs, kind, path)
-    dims = ("sample", "view", *KINDS[kind])
+    dims = array_dims(kind, path.rsplit("/", 1)[1])
     n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
     k = root.attrs["views"]["count"]
     if arr.shape[:2] != (n, k) or arr.ndim != len(dims):
@@ -148,7 +154,9 @@ def _array_problems(root: zarr.Group, path: str) -> list[str]:
         return problems
     if tuple(arr.metadata.dimension_names or ()) != dims:
         problems.append(f"{path}: dimension_names {arr.metadata.dimension_names}, expected {dims}")
-    if arr.chunks != (1, 1, *arr.shape[2:]) or arr.shards != (shard_size, k, *arr.shape[2:]):
+    shards = (shard_size, k, *arr.shape[2:])
+    chunks = {array_chunks(kind, shards), (1, 1, *arr.shape[2:])}  # the latter: stores from spec 2
+    if arr.shards != shards or arr.chunks not in chunks:
         problems.append(f"{path}: chunks {arr.chunks} / shards {arr.shards} break the layout")
     codecs = json.dumps(arr.metadata.to_dict()["codecs"])
     if '"crc32c"' not in codecs.split('"index_codecs"')[0]:

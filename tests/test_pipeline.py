@@ -55,7 +55,7 @@ def run(small_dir, tmp_path_factory):
 def test_store_reads_with_plain_zarr(run):
     config, _, _ = run
     root = zarr.open_group(config["store"], mode="r")
-    assert root.attrs["featinv_spec"] == "featinv-store/2" and root.attrs["complete"] is True
+    assert root.attrs["featinv_spec"] == "featinv-store/3" and root.attrs["complete"] is True
     keys = root["samples/key"][:].tolist()
     assert keys == sorted(k.rsplit(".", 1)[0] for k in SMALL)
     assert root["samples/label"][:].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4]
@@ -67,13 +67,17 @@ def test_store_reads_with_plain_zarr(run):
     assert root["samples/width"][:][keys.index("animals/chelsea")] == 451
     arr = root["features/efficientnet_lite0/blocks.3"]
     assert arr.shape == (9, 2, 80, 14, 14) and arr.dtype == np.float16
-    assert arr.metadata.dimension_names == ("sample", "view", "channel", "y", "x")
+    assert arr.metadata.dimension_names == (
+        "sample", "view", "blocks.3.channel", "blocks.3.y", "blocks.3.x"
+    )  # fmt: skip
     assert arr.chunks == (1, 1, 80, 14, 14) and arr.shards == (3, 2, 80, 14, 14)
     assert arr.attrs["pretrained"] is True and len(arr.attrs["weights"]["sha256"]) == 64
     assert arr.attrs["stride"] == 16 and arr.attrs["preprocessing"]["input_size"] == [3, 224, 224]
     vit = root["features/vit_tiny_patch16_224/blocks.5"]
     assert vit.shape == (9, 2, 192, 14, 14) and vit.attrs["pretrained"] is False
-    assert root["prefix_tokens/vit_tiny_patch16_224/blocks.5"].shape == (9, 2, 1, 192)
+    tokens = root["prefix_tokens/vit_tiny_patch16_224/blocks.5"]
+    assert tokens.shape == (9, 2, 1, 192) and tokens.chunks == tokens.shards == (3, 2, 1, 192)
+    assert root["sample"][:].tolist() == keys
     assert root["pixels/pixels/rgb"].shape == (9, 2, 3, 32, 32)
     latent = root["latents/vae/mean"]
     assert latent.shape == (9, 2, 4, 16, 16) and latent.attrs["scaling_factor"] == 0.18215
@@ -81,6 +85,28 @@ def test_store_reads_with_plain_zarr(run):
     assert root["samples/view_box"].shape == (9, 2, 4)
     assert root.attrs["summary"]["skip_reasons"] == {"corrupt image": 1}
     assert "credentials" not in str(root.attrs["provenance"])
+
+
+def test_store_opens_as_datatree_with_plain_xarray(run):
+    """Every group is one consistent Dataset; `sample` (the keys) is the coordinate they inherit.
+    Only xarray, zarr and dask here: no featinv module is imported."""
+    config, _, _ = run
+    code = f"""
+import sys, numpy as np, xarray as xr
+tree = xr.open_datatree({config["store"]!r}, engine="zarr", chunks={{}})
+layers = tree["features/efficientnet_lite0"].to_dataset()
+x = layers["blocks.3"]
+assert x.chunks is not None and x.dims[2:] == ("blocks.3.channel", "blocks.3.y", "blocks.3.x")
+assert layers["bn2"].sizes["bn2.channel"] == 1280
+valid = tree["samples"].to_dataset()["valid"].values
+mean = x.isel(sample=valid).astype("float64").mean(("sample", "view", "blocks.3.y", "blocks.3.x"))
+np.testing.assert_allclose(mean.compute().values, x.attrs["channel_stats"]["mean"], rtol=1e-5)
+print(x["sample"].values[0], tree["pixels/pixels"].to_dataset()["rgb"].dims[2])
+assert not [m for m in sys.modules if m.split(".")[0] in ("pipeline", "storage_specs")]
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["animals/chelsea", "color"]
 
 
 def _image(small_dir, key: str) -> Image.Image:
@@ -187,7 +213,10 @@ def test_channel_stats_in_attributes(run):
     stats = arr.attrs["channel_stats"]
     np.testing.assert_allclose(stats["mean"], values.mean(axis=(0, 1, 3, 4)), rtol=1e-6)
     np.testing.assert_allclose(stats["std"], values.std(axis=(0, 1, 3, 4)), rtol=1e-6)
-    np.testing.assert_array_equal(stats["max"], values.max(axis=(0, 1, 3, 4)))
+    # kept at float32 precision (shortest decimals): exact once read back as float32
+    np.testing.assert_array_equal(
+        np.float32(stats["max"]), values.max(axis=(0, 1, 3, 4)).astype(np.float32)
+    )
     assert len(root["pixels/pixels/rgb"].attrs["channel_stats"]["min"]) == 3
 
 

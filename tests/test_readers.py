@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,13 +31,14 @@ def test_plain_zarr_xarray_dask_by_the_spec(store_url):
     code = f"""
 import dask.array as da, numpy as np, xarray as xr, zarr
 root = zarr.open_group({store_url!r}, mode="r")
-assert root.attrs["featinv_spec"] == "featinv-store/2" and root.attrs["complete"]
+assert root.attrs["featinv_spec"] == "featinv-store/3" and root.attrs["complete"]
 valid = root["samples/valid"][:]
 arr = root["features/resnet18/layer4"]
 x = xr.DataArray(da.from_zarr(arr, chunks=arr.shards), dims=arr.metadata.dimension_names)
 x = x.isel(sample=np.flatnonzero(valid))
-mean = x.astype("float64").mean(dim=("sample", "view", "y", "x")).compute().values
-assert x.dims == ("sample", "view", "channel", "y", "x") and x.shape == (8, 3, 512, 2, 2)
+mean = x.astype("float64").mean(dim=("sample", "view", "layer4.y", "layer4.x")).compute().values
+assert x.dims == ("sample", "view", "layer4.channel", "layer4.y", "layer4.x")
+assert x.shape == (8, 3, 512, 2, 2)
 np.testing.assert_allclose(mean, arr.attrs["channel_stats"]["mean"], rtol=1e-5)
 boxes = root["samples/view_box"][:]
 assert boxes.shape == (9, 3, 4) and (boxes[valid, :, 2] > boxes[valid, :, 0]).all()
@@ -56,8 +58,8 @@ def test_open_dataset_is_lazy_and_equal(store_url):
     ds = open_dataset(store_url)
     layer3 = ds["features/resnet18/layer3"]
     assert layer3.chunks is not None  # dask-backed
-    assert layer3.dims[2] == "features/resnet18/layer3/channel"  # 256 vs 512 channels
-    assert ds["pixels/pixels/rgb"].dims == ("sample", "view", "rgb", "pixel_y", "pixel_x")
+    assert layer3.dims[2] == "layer3.channel"  # 256 (layer4: 512 channels)
+    assert ds["pixels/pixels/rgb"].dims == ("sample", "view", "color", "pixel_y", "pixel_x")
     valid = ds.isel(sample=ds.valid.values)
     root = zarr.open_group(store_url, mode="r")
     np.testing.assert_array_equal(
@@ -97,8 +99,6 @@ def test_pair_dataset_with_workers(store_url):
 
 
 def test_chunk_reader_matches_zarr_and_checks_crc(store_url, tmp_path):
-    import shutil
-
     import zarr
 
     from storage_specs.chunks import ChunkReader
@@ -227,3 +227,47 @@ def test_export_webdataset_reads_back_with_plain_webdataset(store_url, tmp_path)
         assert np.array_equal(sample["features.npy"], features[meta["row"], meta["view"]])
         assert np.array_equal(sample["target.npy"], pixels[meta["row"], meta["view"]])
     assert not list(tmp_path.glob("wds/*.pyd")) and not list(tmp_path.glob("wds/*.pkl"))
+
+
+SPEC2 = Path(__file__).parent / "fixtures/spec2.zarr"  # made by featinv at commit 5bb44b9
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_spec2_store_reads_and_migrates_to_spec3(where, tmp_path, request):
+    """A store written under featinv-store/2 is read as it is; `featinv migrate` upgrades its
+    metadata in place (no chunk changes) so plain `xarray.open_datatree` opens it."""
+    import fsspec
+    import xarray as xr
+    import zarr
+
+    from storage_specs import open_store, validate_store
+
+    if where == "s3":
+        url = f"{request.getfixturevalue('s3_bucket')}/store.zarr"
+        fs = request.getfixturevalue("s3").filesystem()
+        fs.put(f"{SPEC2}/", url, recursive=True)
+    else:
+        url = str(shutil.copytree(SPEC2, tmp_path / "store.zarr"))
+        fs = fsspec.filesystem("file")
+    objects = {p: fs.cat_file(p) for p in fs.find(url) if not p.endswith("zarr.json")}
+    before = open_store(url).read_rows("features/resnet18/layer3", [2, 0])
+    assert open_store(url).spec == "featinv-store/2"
+    assert "featinv migrate" in validate_store(url)[0]
+    with pytest.raises(ValueError, match="conflicting sizes for dimension 'channel'"):
+        xr.open_datatree(url, engine="zarr")
+
+    for _ in range(2):  # the second run has nothing left to do
+        out = subprocess.run([sys.executable, "-m", "pipeline.cli", "migrate", url],
+                             capture_output=True, text=True)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+    assert validate_store(url) == []
+    assert {p: fs.cat_file(p) for p in objects} == objects
+    np.testing.assert_array_equal(
+        open_store(url).read_rows("features/resnet18/layer3", [2, 0]), before
+    )
+    tree = xr.open_datatree(url, engine="zarr", chunks={})
+    resnet = tree["features/resnet18"].to_dataset()
+    assert resnet["layer3"].dims[2] == "layer3.channel" and resnet.sizes["layer4.channel"] == 512
+    assert list(resnet["sample"].values) == ["animals/chelsea", "food/coffee", "space/rocket"]
+    np.testing.assert_array_equal(resnet["layer3"].values[[2, 0]], before)
+    assert zarr.open_group(url, mode="r").metadata.consolidated_metadata is not None
