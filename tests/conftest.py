@@ -118,6 +118,15 @@ def snakemake(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, **kwargs)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (`make test`: two workers, `--dist loadgroup`) a worker takes whole
+    modules, so module fixtures are built once, and every test on the shared training store goes
+    to one worker, which builds it once; the other worker meanwhile runs the rest."""
+    for item in items:
+        group = "train_store" if "train_store" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 # ---------------------------------------------------------------------------- object storage
 
 
