@@ -203,18 +203,20 @@ def add_sample_coordinate(root: zarr.Group) -> None:
     coordinate[:] = keys[:]
 
 
+def spec_mismatch(url: str, spec: Any) -> str | None:
+    """Why a store of `spec` cannot be written or validated as it is (None: it can)."""
+    if spec == SPEC_VERSION:
+        return None
+    hint = f"; upgrade it with `featinv migrate {url}`" if spec in READABLE_SPECS else ""
+    return f"{url}: featinv_spec is {spec!r}, not {SPEC_VERSION!r}{hint}"
+
+
 def _check_same_plan(
     root: zarr.Group, url: str, keys: Sequence[str], shard_size: int, views: dict
 ) -> None:
-    if root.attrs["featinv_spec"] != SPEC_VERSION:
-        raise StoreError(
-            f"store '{url}' has spec {root.attrs['featinv_spec']}, not {SPEC_VERSION}"
-            + (
-                f": upgrade it with `featinv migrate {url}`"
-                if root.attrs["featinv_spec"] in READABLE_SPECS
-                else ""
-            )
-        )
+    mismatch = spec_mismatch(url, root.attrs["featinv_spec"])
+    if mismatch:
+        raise StoreError(mismatch)
     if root.attrs["shard_size"] != shard_size:
         raise StoreError(
             f"store '{url}' was planned with shard_size {root.attrs['shard_size']}, "

@@ -18,9 +18,7 @@ import zarr
 from storage_specs.codecs import measured_error
 from storage_specs.compute import open_array, run_tasks
 from storage_specs.layout import (
-    READABLE_SPECS,
     SAMPLE_FIELDS,
-    SPEC_VERSION,
     VIEW_FIELDS,
     StoreError,
     array_chunks,
@@ -32,6 +30,7 @@ from storage_specs.layout import (
     reference_path,
     shard_exists,
     shard_range,
+    spec_mismatch,
     stored_arrays,
 )
 
@@ -70,11 +69,9 @@ def validate_store(
         root = open_root(url, consolidated=False)  # the objects, not a snapshot of them
     except StoreError as exc:
         return [str(exc)]
-    spec = root.attrs.get("featinv_spec")
-    if spec in READABLE_SPECS and spec != SPEC_VERSION:
-        return [f"{url}: featinv_spec is {spec!r}; upgrade it with `featinv migrate {url}`"]
-    if spec != SPEC_VERSION:
-        return [f"{url}: featinv_spec is {spec!r}, this validator reads {SPEC_VERSION!r}"]
+    mismatch = spec_mismatch(url, root.attrs.get("featinv_spec"))
+    if mismatch:
+        return [mismatch]
     problems = _schema_problems(root.attrs, "root", "root")
     if problems:
         return problems
