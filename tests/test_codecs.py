@@ -14,14 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from featinv_codecs import READER, QuantizeCodec, decode_array
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.demo import demo_feature_maps
 from storage_specs.codecs import (
-    QuantizeCodec,
     choose_lossless,
     compression_codecs,
-    decode_array,
     lossless_compressors,
     measured_error,
     stored_bytes,
@@ -84,7 +83,8 @@ def test_quantize_meets_its_bound_at_the_claimed_size(features, tmp_path, layer)
     assert error["rel_l2_mean"] > 0.0095  # the step is the largest that keeps the bound
     assert ratio(arr, x) <= QUANTIZE_RATIO[layer]
     assert arr.attrs["compression"]["rel_l2"] == 0.01
-    assert "storage_specs.codecs" in arr.attrs["compression"]["reader"]
+    assert arr.attrs["compression"]["reader"] == READER  # names featinv-codecs and its version
+    assert "featinv-codecs 0.1.0" in READER
 
 
 def test_quantize_bound_is_against_the_stored_dtype(features, tmp_path):
@@ -182,11 +182,11 @@ def test_codec_metadata_round_trips_and_plain_zarr_decodes_it(features, tmp_path
     expected = arr[:, 0]
     read = "import zarr, sys; print(float(zarr.open_array(sys.argv[1], mode='r')[:].sum()))"
     with_import = subprocess.run(
-        [sys.executable, "-c", "import storage_specs.codecs; " + read, str(tmp_path / "a.zarr")],
+        [sys.executable, "-c", "import featinv_codecs; " + read, str(tmp_path / "a.zarr")],
         capture_output=True, text=True, cwd=REPO, check=True,
     )  # fmt: skip
     assert float(with_import.stdout) == pytest.approx(float(expected.sum()), rel=1e-6)
-    # Without the import, zarr finds the codec through the installed package's entry point.
+    # Without the import, zarr finds the codec through featinv-codecs' entry point.
     plain = subprocess.run(
         [sys.executable, "-c", read, str(tmp_path / "a.zarr")], capture_output=True, text=True
     )
