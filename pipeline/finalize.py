@@ -3,19 +3,26 @@
 Gathers the per-shard commit records into `samples/` (sizes, views, validity, skip reasons),
 validates every chunk of the committed groups, computes per-channel statistics, then marks the
 store complete if every planned group is in, and writes consolidated metadata (last, so no reader
-ever sees a stale consolidated view).  Features and latents are finalised by their own Snakemake
-stages; whichever finishes the store marks it complete.
+ever sees a stale consolidated view; none in the groups above an array whose codec needs a plugin,
+so plain zarr still opens the root: `layout.consolidate`).  Features and latents are finalised by
+their own Snakemake stages; whichever finishes the store marks it complete.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 
 import numpy as np
 import zarr
 
-from storage_specs.layout import StoreError, n_shards, open_root, read_commit, stored_arrays
+from storage_specs.layout import (
+    StoreError,
+    consolidate,
+    n_shards,
+    open_root,
+    read_commit,
+    stored_arrays,
+)
 from storage_specs.stats import channel_stats
 from storage_specs.validate import validate_store
 
@@ -93,7 +100,5 @@ def finalize_store(url: str, groups: list[str] | None = None, progress: bool = T
         "pending_groups": sorted(set(commits) - set(ready)),
     }
     root.attrs.update({"summary": summary, "complete": len(ready) == len(commits)})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
-        zarr.consolidate_metadata(url, zarr_format=3)
+    consolidate(url)
     return summary

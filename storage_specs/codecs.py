@@ -176,6 +176,19 @@ def compression_codecs(spec: dict, dtype: str) -> dict:
     }
 
 
+def plugin_codecs(codecs: list[dict]) -> set[str]:
+    """Names in an array's codec metadata (``metadata.to_dict()["codecs"]``, shards' inner codecs
+    included) that zarr-python decodes only with a plugin installed: neither zarr v3 core codecs
+    (no dot in the name) nor zarr-python's own ``numcodecs.*`` (``featinv.quantize``)."""
+    found = set()
+    for codec in codecs:
+        name, config = codec["name"], codec.get("configuration", {})
+        if "." in name and not name.startswith("numcodecs."):
+            found.add(name)
+        found |= plugin_codecs([*config.get("codecs", ()), *config.get("index_codecs", ())])
+    return found
+
+
 def measured_error(reference: np.ndarray, stored: np.ndarray) -> dict:
     """Error of stored samples ``[sample, channel, ...]`` against the reference (e.g. fp32).
 

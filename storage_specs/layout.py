@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from storage_specs.codecs import compression_codecs  # also registers featinv.quantize
+from storage_specs.codecs import compression_codecs, plugin_codecs
 
 SPEC_VERSION = "featinv-store/3"
 # Stores readers still accept: spec 2 differs only in metadata (`featinv migrate` upgrades it).
@@ -312,6 +313,37 @@ def read_commit(root: zarr.Group, group: str, shard: int) -> dict | None:
         return dict(root[path].attrs)
     except KeyError:
         return None
+
+
+def consolidate(url: str) -> None:
+    """Write consolidated metadata where every reader can parse it.
+
+    zarr-python parses the whole snapshot when it opens a group, so one array whose codec a reader
+    has not installed (``featinv.quantize`` without featinv-codecs) would make the group, samples
+    and lossless arrays included, unreadable.  A store of standard codecs is consolidated at the
+    root (a remote open is one request); otherwise the groups above such arrays carry no snapshot
+    and each of their other subgroups (``samples``, lossless backbones, ...) carries its own.
+    """
+    root = zarr.open_group(url, mode="r+", zarr_format=3, use_consolidated=False)
+    blocked = {
+        "/".join(parts[:depth])
+        for path in stored_arrays(root)
+        if plugin_codecs(root[path].metadata.to_dict()["codecs"])
+        for parts in [path.split("/")]
+        for depth in range(len(parts))
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
+        if not blocked:
+            zarr.consolidate_metadata(url, zarr_format=3)
+            return
+        for path in sorted(blocked):
+            group = zarr.open_group(url, path=path, mode="r+", use_consolidated=False)
+            group.attrs.update({})  # rewritten without an earlier snapshot
+            for name, _ in group.groups():
+                child = f"{path}/{name}".lstrip("/")
+                if child not in blocked:
+                    zarr.consolidate_metadata(url, path=child, zarr_format=3)
 
 
 def is_lossy(arr: zarr.Array) -> bool:

@@ -20,6 +20,7 @@ from storage_specs.layout import (
     StoreError,
     add_sample_coordinate,
     array_dims,
+    consolidate,
     open_root,
     reference_path,
     stored_arrays,
@@ -64,7 +65,5 @@ def migrate_store(url: str) -> list[str]:
     add_sample_coordinate(root)
     root.attrs["featinv_spec"] = SPEC_VERSION
     if consolidated:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
-            zarr.consolidate_metadata(url, zarr_format=3)
+        consolidate(url)
     return changed

@@ -8,17 +8,16 @@ order, so the finalising step and `featinv stats` on any cluster get the same nu
 
 from __future__ import annotations
 
-import warnings
 from functools import reduce
 from typing import TYPE_CHECKING
 
 import numpy as np
-import zarr
 
 from storage_specs.compute import open_array, run_tasks
 from storage_specs.layout import (
     StoreError,
     channel_axis,
+    consolidate,
     n_shards,
     open_root,
     shard_range,
@@ -104,7 +103,5 @@ def store_stats(
     if write:
         for path, values in stats.items():
             root[path].attrs["channel_stats"] = values
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # consolidated metadata is a zarr-python extension
-            zarr.consolidate_metadata(url, zarr_format=3)
+        consolidate(url)
     return stats

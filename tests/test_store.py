@@ -238,7 +238,7 @@ def test_lossy_arrays_state_and_meet_their_bound(small_dir, tmp_path):
     code = (f"import zarr; a = zarr.open_array({quantized.url + '/' + path!r}, mode='r'); "
             "print(float(abs(a[0, 0]).sum()) > 0)")  # fmt: skip
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert plain.stdout.strip() == "True", plain.stderr  # codec found through its entry point
+    assert plain.stdout.strip() == "True", plain.stderr  # found through featinv-codecs
 
     # A reference that no longer matches (as if the codec had lied) is reported.
     ref = zarr.open_array(f"{quantized.url}/reference/{path}", mode="r+")
