@@ -15,10 +15,19 @@ freshly opened array with plain zarr.
 - decode MB/s: fp32-equivalent megabytes per second of whole-array reads (median of repeats,
   the settings of a layer taking turns); encode MB/s: the one write.
 
+Rows ``standard ...`` are issue 12's alternative to the ``featinv.quantize`` codec: standard
+numcodecs codecs only, which plain zarr-python decodes without installing anything.
+``fixedscaleoffset`` (offset 0, one scale for the whole array: its parameters live in the array's
+metadata, so no per-chunk step) to int16 (int32 where the range needs it), then byte-shuffle +
+zstd or blosc bit-shuffle + zstd.  The scale is the largest that keeps every sample of the whole
+array within rel L2 1e-2, chosen knowing all the data: the best case, which a store (whose arrays
+are created before any data exists) could only approach.
+
 Rows ``ref: per-channel uintN`` are the obvious alternative (per-channel min/max scaling, not a
 codec here), computed in memory for comparison.
 
-Usage: ``.venv/bin/python benchmarks/lossy_compression.py [--repeats 5] [--shard-size 8]``
+Usage: ``.venv/bin/python benchmarks/lossy_compression.py [--repeats 5] [--shard-size 8]
+[--json benchmarks/results/lossy_compression.json]``
 """
 
 from __future__ import annotations
@@ -31,15 +40,20 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import record
 import zarr
 from numcodecs import Zstd
+from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs.numcodecs import FixedScaleOffset, Shuffle
 
 from pipeline.demo import demo_feature_maps
 from storage_specs.codecs import ZSTD_LEVEL, compression_codecs, measured_error
 
 LAYERS = ("blocks.3", "blocks.5", "bn2")
 GOAL_RATIO, GOAL_ERROR = 0.20, 1e-2
-SETTINGS: list[tuple[str, dict, str]] = [  # (label, compression spec, storage dtype)
+STANDARD = ("standard fso+shuffle+zstd", "standard fso+bitshuffle")  # issue 12's alternative
+# (label, compression spec or a STANDARD label, storage dtype)
+SETTINGS: list[tuple[str, dict | str, str]] = [
     ("lossless fp16", {"mode": "lossless"}, "float16"),
     ("lossless fp32", {"mode": "lossless"}, "float32"),
     *[(f"bitround fp32 k={k}", {"mode": "bitround", "keepbits": k}, "float32") for k in (4, 6, 8)],
@@ -57,12 +71,49 @@ SETTINGS: list[tuple[str, dict, str]] = [  # (label, compression spec, storage d
         {"mode": "quantize", "rel_l2": 0.01, "predict": False},
         "float32",
     ),
+    *[(f"{label} fp32", label, "float32") for label in STANDARD],
 ]
+WIDTH = 31  # of the setting column
 
 
-def measure(path: Path, x: np.ndarray, spec: dict, dtype: str, shard: int) -> dict:
+def standard_step(x: np.ndarray, tol: float = GOAL_ERROR) -> float:
+    """The largest step ``1 / scale`` of one ``fixedscaleoffset`` for the whole array that keeps
+    every sample's rel L2 <= tol, decoded as numcodecs does (bisection; the error grows with it)."""
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    norms = np.linalg.norm(flat, axis=1)
+
+    def worst(step: float) -> float:
+        decoded = (np.around(flat * (1 / step)) / (1 / step)).astype(x.dtype)
+        return float((np.linalg.norm(decoded - flat, axis=1) / norms).max())
+
+    lo, hi = 0.0, float(np.abs(flat).max())
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if worst(mid) <= tol else (lo, mid)
+    return lo
+
+
+def standard_codecs(label: str, x: np.ndarray, dtype: str) -> dict:
+    """`zarr.create_array` keywords of a standard-codec row (see the module docstring)."""
+    step = standard_step(x.astype(dtype))
+    ints = "int16" if np.abs(x).max() / step < 2**15 - 1 else "int32"
+    size = np.dtype(ints).itemsize
+    fso = FixedScaleOffset(offset=0, scale=1 / step, dtype=np.dtype(dtype).str, astype=ints)
+    if label == STANDARD[0]:
+        compressors = [Shuffle(elementsize=size), ZstdCodec(level=ZSTD_LEVEL)]
+    else:
+        compressors = [BloscCodec(cname="zstd", clevel=9, shuffle="bitshuffle", typesize=size)]
+    return {"filters": [fso], "serializer": BytesCodec(),
+            "compressors": [*compressors, Crc32cCodec()],
+            "attrs": {"mode": label, "step": step, "astype": ints}}  # fmt: skip
+
+
+def measure(path: Path, x: np.ndarray, spec: dict | str, dtype: str, shard: int) -> dict:
     """Write, reopen, read back: size, error, encode speed, and the reopened array."""
-    kwargs = compression_codecs(spec, dtype)
+    if isinstance(spec, dict):
+        kwargs = compression_codecs(spec, dtype)
+    else:
+        kwargs = standard_codecs(spec, x, dtype)
     attrs = kwargs.pop("attrs")
     per_view = x.shape[1:]  # the layout of a one-view feature array (layout.require_array)
     arr = zarr.create_array(
@@ -110,6 +161,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shard-size", type=int, default=8)
+    parser.add_argument("--json", help="also write the results here (benchmarks/record.py)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
     with tempfile.TemporaryDirectory(prefix="featinv-lossy-") as tmp_dir:
@@ -120,37 +172,42 @@ def main() -> None:
         print(
             f"decode/encode: MB/s of fp32-equivalent data; decode: median of {args.repeats} reads"
         )
-        meets = []
+        meets, results = [], {}
         for layer, x in features.items():
             shape = "x".join(map(str, x.shape[1:]))
             print(f"\n{layer} [{shape}]")
             print(
-                f"{'setting':<28} {'ratio':>6} {'rel L2 max':>10} {'mean':>9} {'abs/range':>9} "
-                f"{'decode':>7} {'encode':>7}"
+                f"{'setting':<{WIDTH}} {'ratio':>6} {'rel L2 max':>10} {'mean':>9} "
+                f"{'abs/range':>9} {'decode':>7} {'encode':>7}"
             )
             rows = [
                 measure(tmp / f"{layer}-{i}.zarr", x, spec, dtype, args.shard_size)
                 for i, (_, spec, dtype) in enumerate(SETTINGS)
             ]
             speeds = decode_speeds([r["array"] for r in rows], x.size * 4 / 1e6, args.repeats)
+            results[layer] = {}
             for (label, _, _), r, decode in zip(SETTINGS, rows, speeds, strict=True):
                 ok = r["ratio"] <= GOAL_RATIO and r["rel_l2_max"] <= GOAL_ERROR
                 if ok:
                     meets.append(f"{layer}: {label} ({r['ratio']:.4f}x, {r['rel_l2_max']:.2e})")
+                results[layer][label] = {
+                    key: r[key] for key in ("ratio", "rel_l2_max", "rel_l2_mean", "encode")
+                } | {"decode": decode, "compression": dict(r["array"].attrs["compression"])}
                 print(
-                    f"{label:<28} {r['ratio']:>6.4f} {r['rel_l2_max']:>10.2e} "
+                    f"{label:<{WIDTH}} {r['ratio']:>6.4f} {r['rel_l2_max']:>10.2e} "
                     f"{r['rel_l2_mean']:>9.2e} {r['max_abs_over_range']:>9.2e} "
                     f"{decode:>7.0f} {r['encode']:>7.0f}{'  <- goal' if ok else ''}"
                 )
             for bits in (8, 7):
                 r = per_channel(x, bits)
                 print(
-                    f"{f'ref: per-channel uint{bits}':<28} {r['ratio']:>6.4f} "
+                    f"{f'ref: per-channel uint{bits}':<{WIDTH}} {r['ratio']:>6.4f} "
                     f"{r['rel_l2_max']:>10.2e} {r['rel_l2_mean']:>9.2e} "
                     f"{r['max_abs_over_range']:>9.2e} {'-':>7} {'-':>7}"
                 )
         print(f"\nmeet <= {GOAL_RATIO}x at rel L2 <= {GOAL_ERROR}:")
         print("\n".join(f"  {line}" for line in meets) or "  none")
+    record.write_result(args.json, "lossy_compression", {"photos": n, "layers": results})
 
 
 if __name__ == "__main__":
