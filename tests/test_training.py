@@ -382,9 +382,11 @@ def test_bad_config_or_store_stops_before_any_work(train_store, tmp_path, capsys
     )
     fails({"batch_size": 1000}, "fewer than one batch")
     fails({}, "no featinv store at", store=str(tmp_path / "missing.zarr"))
-    for i, (attrs, message) in enumerate((({"complete": False}, "is not complete"),
-                                          ({"featinv_spec": "featinv-store/1"},
-                                           "is not a featinv store this reader knows"))):  # fmt: skip
+    cases = (
+        ({"complete": False}, "is not complete"),
+        ({"featinv_spec": "featinv-store/1"}, "is not a featinv store this reader knows"),
+    )
+    for i, (attrs, message) in enumerate(cases):
         copy = tmp_path / f"copy{i}.zarr"
         shutil.copytree(train_store, copy)
         root = zarr.open_group(str(copy), mode="r+", use_consolidated=False)
