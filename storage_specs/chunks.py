@@ -80,7 +80,7 @@ class ChunkReader:
         self.table = np.zeros((n_shards, *arr.shards[:2], 2), np.uint64)
         self.loaded = np.zeros(n_shards, bool)
         chain = self._chain(arr.metadata.to_dict()["codecs"])
-        self.fast = chain is not None
+        self.fast = chain is not None and arr.chunks[:2] == (1, 1)  # not prefix tokens' layout
         self.filters, self.compressors, self.crc = chain or ([], [], False)
         # Local files are read directly: zarr's store API costs an event-loop round trip per call,
         # more than reading the bytes (RESULTS.md, section 3).

@@ -19,6 +19,7 @@ from timm.data import create_transform, resolve_data_config
 
 from pipeline.demo import build_demo_vae
 from pipeline.weights import create_backbone
+from storage_specs.chunks import ChunkReader
 from tests.conftest import SMALL, make_config, snakemake, write_config
 
 TARGETS = ("all",)
@@ -77,6 +78,9 @@ def test_store_reads_with_plain_zarr(run):
     assert vit.shape == (9, 2, 192, 14, 14) and vit.attrs["pretrained"] is False
     tokens = root["prefix_tokens/vit_tiny_patch16_224/blocks.5"]
     assert tokens.shape == (9, 2, 1, 192) and tokens.chunks == tokens.shards == (3, 2, 1, 192)
+    items = [(4, 1), (0, 0), (8, 1)]
+    expected = np.stack([tokens[row, view] for row, view in items])
+    np.testing.assert_array_equal(ChunkReader(tokens).read(items), expected)
     assert root["sample"][:].tolist() == keys
     assert root["pixels/pixels/rgb"].shape == (9, 2, 3, 32, 32)
     latent = root["latents/vae/mean"]
