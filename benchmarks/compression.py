@@ -9,16 +9,16 @@ bytes (n_valid x per-sample elements x 4), with the store's default chain (plana
 
 Lossless chain, per array (issue 11), on its first shard as stored (``[shard_size, views, ...]``):
 bytes zarr stores for it (chunks, crc32c, shard index) with each of the four references, blosc
-zstd clevel 5 (zstd 9) or 9 (zstd 22) with byte- or bit-shuffle, and with each chain of
-``storage_specs.codecs.SHUFFLES``; the chain ``choose_lossless`` picks and its bytes over the best
-reference's (goal <= 1.02). Speed, chosen chain against the old one (blosc zstd clevel 5
-bit-shuffle): the chunk codecs (as numcodecs objects, read from the arrays' metadata) encoding and
-decoding the shard's chunks, and zarr writing and reading the shard in memory (with its per-chunk
-async overhead); alternating over repeats in one process, each timing over ``--megabytes`` of the
-shard's data (passes of it, at most 200); the median of per-repeat ratios old time / chosen
-time (goal >= 1.0 for encode).
+zstd clevel 5 (zstd 9) or 9 (zstd 22) with byte- or bit-shuffle, and with each of
+``storage_specs.codecs.CANDIDATES`` (chain and zstd level); the one ``choose_lossless`` picks and
+its bytes over the best reference's (goal <= 1.02). Speed, chosen chain against the old one
+(blosc zstd clevel 5 bit-shuffle): the chunk codecs (as numcodecs objects, read from the arrays'
+metadata) encoding and decoding the shard's chunks, and zarr writing and reading the shard in
+memory (with its per-chunk async overhead); alternating over repeats in one process, each timing
+over ``--megabytes`` of the shard's data (passes of it, at most 200); the median of per-repeat
+ratios old time / chosen time (goal >= 1.0 for encode).
 
-Usage: ``.venv/bin/python benchmarks/compression.py [--repeats 5] [--megabytes 20]``
+Usage: ``.venv/bin/python benchmarks/compression.py [--repeats 5] [--megabytes 10]``
 ``[--config PATH] [--targets] [--json PATH]`` (another config's encoders; its targets too;
 the measured sizes as JSON for ``benchmarks/scaling.py``)
 """
@@ -46,7 +46,7 @@ from pipeline.extract import extract_shard
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
 from storage_specs.codecs import (
-    SHUFFLES,
+    CANDIDATES,
     choose_lossless,
     lossless_compressors,
     memory_shard,
@@ -146,14 +146,18 @@ def speedups(data: np.ndarray, chosen: list, repeats: int, megabytes: float) -> 
 def lossless_choice(data: np.ndarray, repeats: int, megabytes: float) -> dict:
     """Issue 11's measurement of one array's first shard (see the module docstring)."""
     sizes = {name: stored_bytes(data, chain) for name, chain in REFERENCES.items()}
-    sizes.update({name: stored_bytes(data, lossless_compressors(name)) for name in SHUFFLES})
-    chosen = choose_lossless(data)["shuffle"]
+    chains = {f"{shuffle}{level}": (shuffle, level) for shuffle, level in CANDIDATES}
+    sizes.update({name: stored_bytes(data, lossless_compressors(*c)) for name, c in chains.items()})
+    spec = choose_lossless(data)
+    chosen = f"{spec['shuffle']}{spec['level']}"
     return {
         "bytes": sizes,
         "raw_fp32_bytes": data.size * 4,
         "chosen": chosen,
         "chosen_over_best_reference": sizes[chosen] / min(sizes[name] for name in REFERENCES),
-        "speedup_over_old": speedups(data, lossless_compressors(chosen), repeats, megabytes),
+        "speedup_over_old": speedups(
+            data, lossless_compressors(*chains[chosen]), repeats, megabytes
+        ),
     }
 
 
@@ -175,7 +179,7 @@ def size_record(store: FeatureStore, path: str, arr: dict, metadata: int) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--megabytes", type=float, default=20, help="data (fp16) per timing")
+    parser.add_argument("--megabytes", type=float, default=10, help="data (fp16) per timing")
     parser.add_argument("--config", type=Path, default=CONFIG, help="whose encoders to store")
     parser.add_argument(
         "--targets", action="store_true",
@@ -201,20 +205,20 @@ def main() -> None:
             sizes[path] = size_record(store, path, arr, metadata)
             choices[path] = lossless_choice(store.read_shard(path, 0), args.repeats, args.megabytes)
 
-        names = [*REFERENCES, *SHUFFLES]
+        names = list(next(iter(choices.values()))["bytes"])
         print(
             "\nlossless chain per array, its first shard: stored / raw fp32 per chain; the chosen "
             f"chain, its bytes / the best reference's; old ({OLD}) / chosen time, median of "
             f"{args.repeats} repeats: chunk codecs encoding, decoding, zarr writing, reading "
             "the shard"
         )
-        print(f"{'array':<44} " + " ".join(f"{n:>6}" for n in names)
+        print(f"{'array':<44} " + " ".join(f"{n:>7}" for n in names)
               + "  chosen  /best encode decode  write   read")  # fmt: skip
         for path, c in choices.items():
-            cells = " ".join(f"{c['bytes'][n] / c['raw_fp32_bytes']:>6.3f}" for n in names)
+            cells = " ".join(f"{c['bytes'][n] / c['raw_fp32_bytes']:>7.3f}" for n in names)
             speed = " ".join(f"{v:>5.2f}x" for v in c["speedup_over_old"].values())
             best = c["chosen_over_best_reference"]
-            print(f"{path:<44} {cells}  {c['chosen']:>6} {best:>5.3f} {speed}")
+            print(f"{path:<44} {cells} {c['chosen']:>7} {best:>5.3f} {speed}")
         met = [p for p, c in choices.items() if c["chosen_over_best_reference"] <= 1.02]
         fast = [p for p, c in choices.items() if c["speedup_over_old"]["encode"] >= 1.0]
         print(

@@ -48,13 +48,15 @@ if TYPE_CHECKING:
 
 ZSTD_LEVEL = 9  # levels 3-22 give the same size on quantized residuals (measured)
 MODES = {
-    "lossless": ("shuffle",),
+    "lossless": ("shuffle", "level"),
     "bitround": ("keepbits",),
     "quantize": ("rel_l2", "max_abs", "predict"),
 }
 SHUFFLES = ("planar", "none")  # lossless chains, the first is the default
-PLANAR_CLEVEL = 1  # blosc clevel 1 = zstd level 1: higher levels cost 1.5-3x time for <= 2% bytes
-PLAIN_ZSTD_LEVEL = 9  # sparse maps: 3% smaller than level 1, still faster than the old chain
+DEFAULT_LEVEL = {"planar": 1, "none": 9}  # zstd levels
+# What choose_lossless tries, cheapest encode first (benchmarks/RESULTS.md, section 2).
+CANDIDATES = (("planar", 1), ("none", 9), ("planar", 5), ("planar", 7))
+TOLERANCE = 1.01  # a costlier candidate must save more than 1% of the smallest's bytes
 _MANTISSA_BITS = {"float16": 10, "float32": 23, "float64": 52}
 # The planar chain's numcodecs.shuffle would warn at every array open: its readers have numcodecs.
 warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr", category=UserWarning)
@@ -69,19 +71,26 @@ class _PlaneBlosc(BloscCodec):
 
     def evolve_from_array_spec(self, array_spec: ArraySpec) -> BloscCodec:
         plane = int(np.prod(array_spec.shape))  # bytes of one byte plane: one per value
-        return BloscCodec(typesize=1, cname="zstd", clevel=PLANAR_CLEVEL, shuffle="noshuffle",
+        return BloscCodec(typesize=1, cname="zstd", clevel=self.clevel, shuffle="noshuffle",
                           blocksize=plane)  # fmt: skip
 
 
-def lossless_compressors(shuffle: str = SHUFFLES[0]) -> list:
-    """The lossless chain of a chunk (``SHUFFLES``), ending in crc32c."""
-    if shuffle == "none":
-        return [ZstdCodec(level=PLAIN_ZSTD_LEVEL), Crc32cCodec()]
-    if shuffle != "planar":
+def lossless_compressors(shuffle: str = SHUFFLES[0], level: int | None = None) -> list:
+    """The lossless chain of a chunk (``SHUFFLES``) at a zstd ``level``, ending in crc32c."""
+    if shuffle not in SHUFFLES:
         raise ValueError(f"unknown lossless shuffle {shuffle!r}; accepted: {', '.join(SHUFFLES)}")
+    level = DEFAULT_LEVEL[shuffle] if level is None else level
+    if shuffle == "none":
+        if not 1 <= level <= 22:
+            raise ValueError(f"zstd level must be in 1..22, not {level}")
+        return [ZstdCodec(level=level), Crc32cCodec()]
+    if level not in range(1, 14, 2):  # blosc clevel c runs zstd level 2c - 1 (c <= 7)
+        raise ValueError(
+            f"planar level must be one of 1, 3, ..., 13 (blosc clevel 1-7), not {level}"
+        )
     from zarr.codecs.numcodecs import Shuffle
 
-    return [Shuffle(), _PlaneBlosc(), Crc32cCodec()]
+    return [Shuffle(), _PlaneBlosc(cname="zstd", clevel=(level + 1) // 2), Crc32cCodec()]
 
 
 def memory_shard(data: np.ndarray, compressors: list) -> tuple[zarr.Array, dict]:
@@ -109,16 +118,19 @@ def stored_bytes(data: np.ndarray, compressors: list) -> int:
 
 
 def choose_lossless(data: np.ndarray) -> dict:
-    """The lossless spec whose chain stores ``data`` (e.g. an array's first shard) in the fewest
-    bytes; ties go to the default."""
-    sizes = {shuffle: stored_bytes(data, lossless_compressors(shuffle)) for shuffle in SHUFFLES}
-    return {"mode": "lossless", "shuffle": min(SHUFFLES, key=sizes.__getitem__)}
+    """The lossless spec for an array whose chunks look like ``data`` (e.g. its first shard): of
+    ``CANDIDATES``, the cheapest whose bytes on ``data`` are within ``TOLERANCE`` of the fewest."""
+    sizes = [stored_bytes(data, lossless_compressors(*chain)) for chain in CANDIDATES]
+    fits = [c for c, n in zip(CANDIDATES, sizes, strict=True) if n <= TOLERANCE * min(sizes)]
+    shuffle, level = fits[0]
+    return {"mode": "lossless", "shuffle": shuffle, "level": level}
 
 
 def compression_codecs(spec: dict, dtype: str) -> dict:
     """`zarr.create_array` keyword arguments for a config's ``compression:`` entry, plus ``attrs``.
 
-    ``spec`` is ``{"mode": "lossless"}`` (default; optional ``"shuffle"``, one of ``SHUFFLES``),
+    ``spec`` is ``{"mode": "lossless"}`` (default; optional ``"shuffle"`` of ``SHUFFLES`` and
+    zstd ``"level"``),
     ``{"mode": "bitround", "keepbits": N}`` or
     ``{"mode": "quantize", "rel_l2": 0.01}`` / ``{"mode": "quantize", "max_abs": A}``; ``dtype``
     the storage dtype (``float16``, ``float32``).  The caller pops ``attrs`` (what was asked, the
@@ -139,11 +151,18 @@ def compression_codecs(spec: dict, dtype: str) -> dict:
     serializer = BytesCodec(endian="little")
     if mode == "lossless":
         shuffle = spec.get("shuffle", SHUFFLES[0])
+        compressors = lossless_compressors(shuffle, spec.get("level"))
+        level = spec.get("level", DEFAULT_LEVEL[shuffle])
         return {
             "filters": (),
             "serializer": serializer,
-            "compressors": lossless_compressors(shuffle),
-            "attrs": {"mode": "lossless", "shuffle": shuffle, "bound": f"exact at {name}"},
+            "compressors": compressors,
+            "attrs": {
+                "mode": "lossless",
+                "shuffle": shuffle,
+                "level": level,
+                "bound": f"exact at {name}",
+            },
         }
     if mode == "bitround":
         keepbits = int(spec["keepbits"])

@@ -37,7 +37,7 @@ REFERENCES = [
     for shuffle in ("shuffle", "bitshuffle")
 ]
 # The chain choose_lossless picks on the first shard (benchmarks/RESULTS.md, section 2).
-CHOSEN = {"blocks.3": "planar", "blocks.5": "planar", "bn2": "none"}
+CHOSEN = {"blocks.3": ("planar", 1), "blocks.5": ("planar", 1), "bn2": ("none", 9)}
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
 
@@ -125,22 +125,24 @@ def test_bitround_bounds_every_value(features, tmp_path, dtype, keepbits):
 def test_chosen_lossless_chain_is_within_2_percent_of_the_best_reference(features, layer):
     shard = features[layer][:SHARD, None].astype(np.float16)  # the first shard, one view
     spec = choose_lossless(shard)
-    assert spec["shuffle"] == CHOSEN[layer]
+    assert (spec["shuffle"], spec["level"]) == CHOSEN[layer]
     best = min(stored_bytes(shard, chain) for chain in REFERENCES)
-    assert stored_bytes(shard, lossless_compressors(spec["shuffle"])) <= 1.02 * best
+    assert stored_bytes(shard, lossless_compressors(*CHOSEN[layer])) <= 1.02 * best
 
 
 @pytest.mark.parametrize("shuffle", ["planar", "none"])
 def test_lossless_round_trips_exactly_with_plain_zarr(features, tmp_path, shuffle):
     x = features["blocks.3"].astype(np.float16)
     arr = write(tmp_path / "a.zarr", x, {"shuffle": shuffle}, "float16")
-    assert arr.attrs["compression"] == {"mode": "lossless", "shuffle": shuffle,
+    level = {"planar": 1, "none": 9}[shuffle]  # the defaults
+    assert arr.attrs["compression"] == {"mode": "lossless", "shuffle": shuffle, "level": level,
                                         "bound": "exact at float16"}  # fmt: skip
     codecs = arr.metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
     assert codecs[-1]["name"] == "crc32c"
     if shuffle == "planar":  # one blosc block per byte plane: 80 x 14 x 14 values, a byte each
         assert [c["name"] for c in codecs] == ["bytes", "numcodecs.shuffle", "blosc", "crc32c"]
         assert codecs[2]["configuration"]["blocksize"] == 80 * 14 * 14
+        assert codecs[2]["configuration"]["clevel"] == 1  # zstd level 1
     # A fresh interpreter that never imports featinv decodes it (zarr-python + numcodecs).
     read = (
         "import sys, numpy, zarr; a = zarr.open_array(sys.argv[1], mode='r')[:, 0]; "
@@ -206,6 +208,9 @@ def test_bad_specs_are_refused():
     assert compression_codecs({}, "uint8")["attrs"]["mode"] == "lossless"  # e.g. pixel targets
     with pytest.raises(ValueError, match="unknown lossless shuffle 'bit'"):
         compression_codecs({"shuffle": "bit"}, "float16")
+    with pytest.raises(ValueError, match=r"planar level must be one of 1, 3, \.\.\., 13 .*not 4"):
+        compression_codecs({"shuffle": "planar", "level": 4}, "float16")
+    assert compression_codecs({"shuffle": "planar", "level": 5}, "float16")["attrs"]["level"] == 5
     with pytest.raises(ValueError, match="exactly one bound"):
         compression_codecs({"mode": "quantize", "rel_l2": 0.01, "max_abs": 1.0}, "float16")
 
