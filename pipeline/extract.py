@@ -138,19 +138,23 @@ class DeviceDecoder:
         jpegs = [sample for sample in batch if sample.get("jpeg") is not None]
         images = decode_jpegs([sample["jpeg"] for sample in jpegs], self.device, self.limits)
         for sample, image in zip(jpegs, images, strict=True):
-            try:
-                inputs = {n: fn(image, sample["views"]) for n, fn in self.encoders.items()}
-                self.decoded += 1
-            except Exception:  # not decoded (None) or not prepared there: the PIL path decides
+            inputs = None if image is None else self.prepare(image, sample["views"])
+            if inputs is None:  # the PIL path decides (and records why, if it skips)
                 self.fallbacks += 1
-                pil = prepare(sample.pop("jpeg"), sample["key"], self.encoders, self.views,
-                              self.limits)  # fmt: skip
-                sample.update(pil)
-                continue
-            sample["inputs"] = inputs
+                sample.update(prepare(sample.pop("jpeg"), sample["key"], self.encoders,
+                                      self.views, self.limits))  # fmt: skip
+            else:
+                self.decoded += 1
+                sample["inputs"] = inputs
         for sample in batch:
             if sample["inputs"] is not None:
                 sample["inputs"] = {n: x.to(self.device) for n, x in sample["inputs"].items()}
+
+    def prepare(self, image: torch.Tensor, views: np.ndarray) -> dict | None:
+        try:
+            return {name: fn(image, views) for name, fn in self.encoders.items()}
+        except Exception:  # a preprocessing failure on the device: left to the PIL path
+            return None
 
 
 def pick_device(name: str) -> torch.device:
