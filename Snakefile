@@ -375,6 +375,7 @@ if SAMPLED:
             f"{SAMPLES}/evaluation.json",
             f"{SAMPLES}/analyses/steering/manifest.json",
             f"{SAMPLES}/analyses/composite/manifest.json",
+            [f"{SAMPLES}/robustness/robustness.json"] if config["robustness"]["enabled"] else [],
             config=CONFIG_JSON,
         output:
             f"{SAMPLES}/report.html",
@@ -383,3 +384,34 @@ if SAMPLED:
             **SAMPLING_JOB,
         shell:
             "{FEATINV} report {input.config} --out {output}"
+
+
+if SAMPLED:
+
+    rule variants:
+        """Corrupted and adversarial variants of held-out images (config `robustness:`)."""
+        input:
+            trained_models,
+            [f"{WORK}/finalized-{stage}.json" for stage in STAGES],
+            config=CONFIG_JSON,
+        output:
+            f"{SAMPLES}/robustness/variants/manifest.json",
+        threads: SAMPLING_RESOURCES["threads"]
+        resources:
+            **SAMPLING_JOB,
+        shell:
+            "{FEATINV} variants {input.config}"
+
+
+    rule robustness:
+        """The variants' features through the extraction stage, reconstructed and evaluated."""
+        input:
+            f"{SAMPLES}/robustness/variants/manifest.json",
+            config=CONFIG_JSON,
+        output:
+            f"{SAMPLES}/robustness/robustness.json",
+        threads: SAMPLING_RESOURCES["threads"]
+        resources:
+            **SAMPLING_JOB,
+        shell:
+            "{FEATINV} robustness {input.config}"

@@ -210,6 +210,20 @@ def cmd_composite(args) -> None:
     print(f"composite-feature grids: {out}")
 
 
+def cmd_variants(args) -> None:
+    from sampling.robustness import variants_run
+
+    out = variants_run(load_config(args.config, purpose="sample"))
+    print(f"robustness variants: {out} (manifest.json)")
+
+
+def cmd_robustness(args) -> None:
+    from sampling.robustness import robustness_run
+
+    out = robustness_run(load_config(args.config, purpose="sample"))
+    print(f"robustness analysis: {out / 'robustness.json'}")
+
+
 def cmd_info(args) -> None:
     from pipeline.summary import print_summary
 
@@ -369,6 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("evaluate", cmd_evaluate, "re-extract and score the samples against the originals"),
         ("steer", cmd_steer, "concept steering grids (config `analyses.steering`)"),
         ("composite", cmd_composite, "composite-feature grids (config `analyses.composite`)"),
+        ("variants", cmd_variants, "corrupted and adversarial variants (config `robustness:`)"),
+        ("robustness", cmd_robustness, "extract, reconstruct and score the variants"),
     ):
         p = add(name, fn, what)
         p.add_argument("config", help="a config with `store` and a trained model (see README)")

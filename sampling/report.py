@@ -121,7 +121,19 @@ def _load_run(folder: Path) -> dict:
         "evaluation": json.loads(evaluation.read_text()),
         "samples": SamplesRun(folder),
         "analyses": [_manifest(p) for p in sorted(folder.glob("analyses/*/manifest.json"))],
+        "robustness": _robustness_result(folder / "robustness"),
     }
+
+
+def _robustness_result(folder: Path) -> dict | None:
+    """`featinv robustness`'s result with its grids read, or None when it did not run."""
+    path = folder / "robustness.json"
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    for grid in result["grids"]:
+        grid["data"] = (folder / grid["png"]).read_bytes()
+    return result
 
 
 def _manifest(path: Path) -> dict:
@@ -189,6 +201,7 @@ def _run_section(i: int, run: dict) -> str:
         _verdicts(evaluation),
         _sweep(evaluation),
         *(_analysis(analysis) for analysis in run["analyses"]),
+        _robustness(run["robustness"]) if run["robustness"] else "",
         "</section>",
     ]
     return "\n".join(parts)
@@ -365,6 +378,61 @@ def _analysis(manifest: dict) -> str:
     return (f'<section class="analysis"><h3>Analysis ({html.escape(manifest["kind"])}): '
             f'{html.escape(manifest["title"])}</h3><p>{html.escape(manifest["description"])}</p>'
             f"{figures}</section>")  # fmt: skip
+
+
+ROBUSTNESS_SHOWN = ("cosine_to_variant", "cosine_to_clean", "top1_variant",
+                    "top1_reconstruction", "psnr", "ssim")  # fmt: skip
+AXIS_QUESTIONS = {
+    "severity": "How do the features, the classifier and the reconstruction degrade as each "
+    "corruption gets more severe?",
+    "eps": "How far do adversarial perturbations of growing eps move the features, the "
+    "classifier and the reconstruction away from the clean image?",
+}
+
+
+def _robustness(result: dict) -> str:
+    """Per family (a corruption, an attack and goal), its question, grid and mean metrics per
+    level (level 0: the clean image); then the metrics against severity and eps."""
+    parts = [f'<section class="analysis" id="robustness"><h3>{html.escape(result["title"])}</h3>'
+             f"<p><b>{html.escape(result['question'])}</b></p>"
+             f'<p class="note">Keys: {html.escape(", ".join(result["keys"]))}. Metrics: '
+             + "; ".join(f"<i>{m}</i>: {html.escape(about)}" for m, about in
+                         result["metrics"].items()) + ".</p>"]  # fmt: skip
+    families = result["families"]
+    for grid in result["grids"]:
+        family = families[grid["family"]]
+        head = "".join(f"<th>{m}</th>" for m in ROBUSTNESS_SHOWN)
+        rows = "".join(
+            f"<tr><td>{family['axis']} {level:g}</td>"
+            + "".join(f"<td>{fmt(family['mean'][m][i])}</td>" for m in ROBUSTNESS_SHOWN)
+            + "</tr>"
+            for i, level in enumerate(family["levels"])
+        )
+        parts.append(
+            f"<h4>{html.escape(grid['family'])}</h4><p><b>{html.escape(grid['question'])}</b></p>"
+            f"<figure>{_img(grid['data'], grid['caption'], ANALYSIS_PX)}<figcaption>"
+            f"{html.escape(grid['caption'])}</figcaption></figure>"
+            f'<table class="robustness"><tr><th>level</th>{head}</tr>{rows}</table>'
+        )
+    for axis, question in AXIS_QUESTIONS.items():
+        shown = {name: f for name, f in families.items() if f["axis"] == axis}
+        if shown:
+            plot = _robustness_plot(shown, axis)
+            parts.append(f"<p><b>{html.escape(question)}</b></p>{_img(plot, question, 0)}")
+    return "\n".join(parts) + "</section>"
+
+
+def _robustness_plot(families: dict, axis: str) -> bytes:
+    figure = Figure(figsize=(3.2 * len(ROBUSTNESS_SHOWN), 3.2), layout="constrained")
+    for ax, metric in zip(figure.subplots(1, len(ROBUSTNESS_SHOWN)), ROBUSTNESS_SHOWN,
+                          strict=True):  # fmt: skip
+        for name, family in families.items():
+            ax.plot(family["levels"], family["mean"][metric], "o-", label=name)
+        ax.set_xlabel(axis)
+        ax.set_title(metric)
+        ax.grid(alpha=0.3)
+    figure.legend(*figure.axes[0].get_legend_handles_labels(), loc="outside right upper")
+    return _figure_png(figure)
 
 
 def _layers_section(runs: list[dict]) -> str:
