@@ -1,8 +1,9 @@
 """Snakemake's markers under work_dir, checked against the store they describe.
 
-The store is the authority.  Markers (plan.json, shards/<group>/<shard>.json, finalized-*.json)
-that describe a store that is gone (deleted, its bucket emptied) or was replaced by another one
-(another `store_id`) are stale: Snakemake would answer "Nothing to be done" and leave no store.
+The store is the authority.  Markers (plan.json, shards/<group>/<first>-<last>.json,
+finalized-*.json) that describe a store that is gone (deleted, its bucket emptied) or was replaced
+by another one (another `store_id`) are stale: Snakemake would answer "Nothing to be done" and
+leave no store.
 Removing them makes the run rebuild the store; shards a replacing store has committed are kept
 (resume is the store's).  One small read: the root's zarr.json.
 """

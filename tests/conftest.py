@@ -84,8 +84,8 @@ def build_store(config: dict) -> str:
 
 
 def store_objects(url: str, fs=None) -> dict[str, bytes]:
-    """Every object of a store (local or s3://); the root's provenance (time, paths) may differ
-    between two runs that made the same store, nothing else."""
+    """Every object of a store (local or s3://); the root's provenance (time, paths) and its
+    random store_id differ between two runs that made the same store, nothing else."""
     import json
 
     import fsspec
@@ -98,7 +98,7 @@ def store_objects(url: str, fs=None) -> dict[str, bytes]:
         rel = path[len(root) + 1 :]
         if rel == "zarr.json":
             meta = json.loads(data)
-            del meta["attributes"]["provenance"]
+            del meta["attributes"]["provenance"], meta["attributes"]["store_id"]
             data = json.dumps(meta, sort_keys=True).encode()
         files[rel] = data
     return files

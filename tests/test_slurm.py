@@ -19,12 +19,12 @@ from tests.conftest import REPO, build_store, make_config, snakemake, store_obje
 from training import launch
 
 # The test cluster has no accounting: squeue is the status command, checked every 2 s (the
-# cluster keeps finished jobs visible for MinJobAge = 300 s). Three shards of a stage run as one
-# SLURM job, one after the other (--cores 1: the nodes have one CPU each).
+# cluster keeps finished jobs visible for MinJobAge = 300 s). The three shards of a stage run as
+# one job (runs of up to 8 shards), one after the other (--cores 1: the nodes have one CPU each).
 SLURM_ARGS = ("--profile", str(REPO / "profiles/slurm"), "--slurm-status-command", "squeue",
               "--slurm-init-seconds-before-status-checks", "1",
               "--seconds-between-status-checks", "2", "--slurm-no-account",
-              "--group-components", "shards=3", "--cores", "1", "--latency-wait", "5")  # fmt: skip
+              "--cores", "1", "--latency-wait", "5")  # fmt: skip
 JOB = {"mem_mb": 1500, "runtime": 20}
 TARGETS = [{"name": "pixels", "kind": "pixels", "size": 32}]
 
