@@ -203,9 +203,11 @@ def objects_section(arrays: list[Array], p: argparse.Namespace) -> list[str]:
 
 
 def extraction_runs(results: Path) -> dict[tuple[str, str], dict]:
-    """`extraction_throughput.py` runs of one backbone each, by (backbone, "cpu" or "gpu")."""
+    """`extraction_throughput.py` runs of one backbone each, by (backbone, "cpu" or "gpu"): the
+    files `extraction_<backbone>_<device>.json` (others hold runs made for other questions)."""
     runs = {}
-    for path in sorted(results.glob("extraction_*.json")):
+    paths = [*results.glob("extraction_*_cpu.json"), *results.glob("extraction_*_cuda.json")]
+    for path in sorted(paths):
         run = load(path)
         r = run["results"]
         if len(r["backbones"]) == 1:
