@@ -118,6 +118,7 @@ def snakemake(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, **kwargs)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: two workers, `--dist loadgroup`) a worker takes whole
     modules, so module fixtures are built once, and every test on the shared training store goes
