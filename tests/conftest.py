@@ -118,13 +118,18 @@ def snakemake(
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, **kwargs)
 
 
+# Session fixtures that train a model: all tests on one of them run on one worker.
+TRAINED = ("demo_run", "tiny_model", "updecoder_run")
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: two workers, `--dist loadgroup`) a worker takes whole
-    modules, so module fixtures are built once, and every test on the shared training store goes
-    to one worker, which builds it once; the other worker meanwhile runs the rest."""
+    modules, so module fixtures are built once, and all tests on one trained model, so each model
+    is trained once; the cheap shared store (`train_store`) may be built by both workers."""
     for item in items:
-        group = "train_store" if "train_store" in item.fixturenames else item.module.__name__
+        trained = [name for name in TRAINED if name in item.fixturenames]
+        group = trained[0] if trained else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
 
 
