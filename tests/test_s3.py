@@ -31,9 +31,10 @@ from storage_specs.validate import validate_store
 from tests.conftest import SMALL, make_config, snakemake, store_objects, write_config
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 
-# Small and fast: 9 photos (one truncated) in 3 shards, one backbone at 64 px, two layers.
+# Small and fast: 9 photos (one truncated) in 9 shards (two jobs of 5 and 4: a run is caught
+# between commits), one backbone at 64 px, two layers.
 CONFIG = {
-    "shard_size": 3,
+    "shard_size": 1,
     "backbones": [
         {
             "name": "resnet18",
@@ -43,7 +44,7 @@ CONFIG = {
         }
     ],
 }
-N_SHARDS = 3
+N_SHARDS = 9
 KEYS = sorted(k.rsplit(".", 1)[0] for k in SMALL)
 CREDENTIALS = (ACCESS_KEY.encode(), SECRET_KEY.encode())
 
@@ -161,8 +162,7 @@ def test_credentials_not_in_store_or_logs(s3, reference):
 def test_killed_run_resumes_bitwise(s3, images, reference, tmp_path):
     fs = s3.filesystem()
     config = _config(tmp_path, images, "feats/resumed.zarr")
-    # Two jobs at a time: shards 0 and 1 commit together, shard 2 (a fresh job that still has to
-    # import torch) is the one killed.
+    # Two jobs at a time, each committing its shards one by one: killed after the second commit.
     proc, log = _background(tmp_path, "killed", "--cores", "2")
     try:
         reached = _run_until(proc, lambda: _commits(fs, config["store"]) >= 2, timeout=300)
