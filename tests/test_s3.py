@@ -136,7 +136,7 @@ def test_full_run_on_s3(s3, reference):
     assert valid.tolist() == [k != "food/coffee_truncated" for k in keys]
     assert root["samples/width"][:][keys.index("animals/chelsea")] == 451
     layer4 = root["features/resnet18/layer4"]
-    assert layer4.shape == (9, 1, 512, 2, 2) and layer4.shards == (3, 1, 512, 2, 2)
+    assert layer4.shape == (9, 1, 512, 2, 2) and layer4.shards == (1, 1, 512, 2, 2)
     assert np.isfinite(layer4[:][valid]).all() and np.abs(layer4[:][valid]).sum() > 0
     assert not layer4[keys.index("food/coffee_truncated")].any()  # skipped row: fill value
     assert root.attrs["provenance"]["config"]["store"] == store
