@@ -408,21 +408,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _fail(message: str) -> None:
+    """Print the one-line error and exit 2.
+
+    An error raised mid-I/O leaves zarr's background event loop with abandoned requests; Python
+    closes them at shutdown and prints each one's teardown error as "Exception ignored".  The
+    error is said already, so that noise is dropped."""
+    print(f"featinv: error: {message}", file=sys.stderr)
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
     except (ConfigError, StoreError, ValueError) as exc:
-        print(f"featinv: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(exc))
     except Exception as exc:
         from pipeline.endpoints import unreachable_message
 
         message = unreachable_message(exc)
         if message is None:
             raise
-        print(f"featinv: error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _fail(message)
 
 
 if __name__ == "__main__":

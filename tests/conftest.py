@@ -10,7 +10,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+
+# `make test` runs two pytest-xdist workers on a 2-core machine, and the tests start subprocesses
+# (Snakemake jobs, `featinv train`, DataLoader workers) beside them: OpenMP's two threads per
+# process then stall waiting for each other's core (3-7x slower steps).  Each test process and
+# every process it starts computes on one thread; extraction jobs still set theirs from config.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # after OMP_NUM_THREADS
 import yaml
 
 from pipeline.config import validate_config
@@ -198,7 +206,8 @@ def demo_run(train_store, tmp_path_factory):
     demo = yaml.safe_load((REPO / "config/config.yaml").read_text())["training"]
     tmp = tmp_path_factory.mktemp("demo_run")
     demo.update(output_dir=str(tmp), steps=500, preview_every=250, log_every=25)
-    torch.set_num_threads(os.cpu_count())  # as a fresh `featinv train` (extraction set it to 1)
+    # As a fresh `featinv train` would (in-process extraction may have set 1); one under xdist.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
     start = time.perf_counter()
     out = train(validate_config({"store": train_store, "training": demo}, "train"), False)
     return out, time.perf_counter() - start
