@@ -89,6 +89,7 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
     for key in ("source", "store"):
         if key in config:
             check_url(f"config {key}", config[key])
+    _check_ood(config.get("robustness", {}).get("ood", []))
     if purpose in REQUIRED:
         return config
     _check_backbones(config["backbones"])
@@ -146,6 +147,15 @@ def _check_weights(where: str, weights: str) -> None:
         raise ConfigError(f"{where}: {message}") from None
     if not found:
         raise ConfigError(f"{where}: weights file '{redact_url(weights)}' does not exist")
+
+
+def _check_ood(collections: list[dict]) -> None:
+    names = set()
+    for i, entry in enumerate(collections):
+        check_url(f"config robustness.ood[{i}].source", entry["source"])
+        if entry["name"] in names:
+            raise ConfigError(f"config robustness.ood[{i}].name: '{entry['name']}' is listed twice")
+        names.add(entry["name"])
 
 
 def _check_targets(targets: list[dict], taken: set[str]) -> None:

@@ -7,8 +7,11 @@ weather, digital) come from `imagecorruptions`; adversarial perturbations (FGSM,
 targeted, L-inf ball of radius eps in [0, 1] pixel units) from `foolbox`, against the whole
 classifier with its recorded preprocessing.  (`torchattacks` pins requests~=2.25, which the test
 extra's moto cannot install beside, so foolbox it is.)  Severity 0 and eps 0 are the clean image,
-byte for byte.  `write_variants` writes them as an image collection, `<variant>/<source key>.png`,
-so the extraction stage can store their features: each variant is a class of that collection.
+byte for byte.  Out-of-distribution inputs are the first images of any second collection the
+user names (`robustness.ood`), rendered at the same view; each is its own clean image.
+`write_variants` writes them all as an image collection, `<variant>/<source key>.png` and
+`ood-<name>/<key>.png`, so the extraction stage can store their features: each variant and each
+second collection is a class of that collection.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import torch
 from PIL import Image
 
 from pipeline.backbones import Backbone
-from pipeline.decode import decode_image
-from pipeline.sources import read_items
+from pipeline.decode import SkipSample, decode_image
+from pipeline.sources import list_source, read_items
 from pipeline.views import eval_box, render_views
+from storage_specs.provenance import redact_uri, redact_url
 
 CLEAN = "clean"
+OOD = "ood-"  # the class folder of a second collection: ood-<name>
 ATTACKS = ("fgsm", "pgd")
 LIBRARIES = ("imagecorruptions-imaug", "foolbox", "numpy", "torch")
 
@@ -143,6 +148,36 @@ def make_variants(
     return out
 
 
+def ood_views(
+    backbone: Backbone, source: str, limit: int, crop_pct: float
+) -> tuple[list[str], np.ndarray, dict[str, str]]:
+    """The first `limit` usable images of a second collection at the clean view: their keys,
+    the images `[N, H, W, 3]`, and the skipped ones' reasons by key (corrupt, truncated, ...)."""
+    items = list_source(source).items
+    keys, images, skipped = [], [], {}
+    for pos, data in read_items([item.uri for item in items]):
+        key = items[pos].key
+        try:
+            if isinstance(data, Exception):
+                raise SkipSample(f"unreadable ({type(data).__name__})")
+            images.append(clean_view(backbone, data, crop_pct))
+            keys.append(key)
+        except SkipSample as skip:
+            skipped[key] = str(skip)
+        if len(keys) == limit:
+            break
+    if not keys:
+        raise ValueError(f"config robustness.ood: no usable image in '{redact_url(source)}'")
+    return keys, np.stack(images), skipped
+
+
+def _save(folder: Path, keys: list[str], images: np.ndarray) -> None:
+    for key, image in zip(keys, images, strict=True):
+        path = folder / f"{key}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(path)
+
+
 def write_variants(
     folder: Path,
     backbone: Backbone,
@@ -151,9 +186,11 @@ def write_variants(
     spec: dict,
     crop_pct: float,
 ) -> dict:
-    """The variants of the source images as `<folder>/<variant>/<key>.png` and a manifest.json:
-    which variant each folder is (corruption and severity, attack, eps, target), the seed, the
-    library versions, and the source key and URI of every image.  Returns the manifest."""
+    """The variants of the source images as `<folder>/<variant>/<key>.png`, the second
+    collections' images as `<folder>/ood-<name>/<key>.png`, and a manifest.json: which variant
+    each folder is (corruption and severity, attack, eps, target), the seed, the library
+    versions, the source key and URI of every image, and each second collection's source, keys
+    and skipped images.  Returns the manifest."""
     clean = []
     for pos, data in read_items(sources):
         if isinstance(data, Exception):
@@ -162,10 +199,13 @@ def write_variants(
     variants = variants_of(spec)
     made = make_variants(backbone, np.stack(clean), variants, spec)
     for variant in variants:
-        for key, image in zip(keys, made[variant.name], strict=True):
-            path = folder / variant.name / f"{key}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(path)
+        _save(folder / variant.name, keys, made[variant.name])
+    ood = {}
+    for entry in spec["ood"]:
+        ood_keys, images, skipped = ood_views(backbone, entry["source"], entry["limit"], crop_pct)
+        _save(folder / f"{OOD}{entry['name']}", ood_keys, images)
+        ood[entry["name"]] = {"source": redact_url(entry["source"]), "keys": ood_keys,
+                              "skipped": skipped}  # fmt: skip
     manifest = {
         "backbone": backbone.name,
         "input_size": list(backbone.input_hw),
@@ -174,7 +214,8 @@ def write_variants(
         "settings": {k: spec[k] for k in ("pgd_steps", "target_class")},
         "libraries": {name: version(name) for name in LIBRARIES},
         "keys": keys,
-        "sources": sources,
+        "sources": [redact_uri(uri) for uri in sources],
+        "ood": ood,
     }
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

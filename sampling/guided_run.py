@@ -14,6 +14,7 @@ original to compare with) go to `decode_arrays`: PNG files and a JSON record.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,6 +154,20 @@ def guided_run(config: dict, device: str | None = None, progress: bool = True) -
         bar.update(len(entries))
     bar.close()
     return out
+
+
+def guided_images(config: dict, device: str) -> Callable[[torch.Tensor, list[str]], torch.Tensor]:
+    """The guided decoder of `config` as a function of raw maps `[N, C, y, x]` and their keys:
+    uint8 images, one per map, seeded per key as `guided-decode` seeds view 0's first image."""
+    spec = config["guided"]
+    _, prior, distance = _open_parts(config, device)
+
+    def images(maps: torch.Tensor, keys: list[str]) -> torch.Tensor:
+        seeds = [image_seed(spec["seed"], key, 0, 0) for key in keys]
+        targets = _targets(maps.to(device), spec["pooled"])
+        return _images(prior, decode(prior, distance, targets, seeds, spec), True)
+
+    return images
 
 
 def _open_job(config: dict, device: str) -> _Job:

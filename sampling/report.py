@@ -131,7 +131,7 @@ def _robustness_result(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    for grid in result["grids"]:
+    for grid in result["grids"] + (result["ood"]["grids"] if result["ood"] else []):
         grid["data"] = (folder / grid["png"]).read_bytes()
     return result
 
@@ -382,6 +382,8 @@ def _analysis(manifest: dict) -> str:
 
 ROBUSTNESS_SHOWN = ("cosine_to_variant", "cosine_to_clean", "top1_variant",
                     "top1_reconstruction", "psnr", "ssim")  # fmt: skip
+# A second collection's image is its own clean image: what is left to show.
+OOD_SHOWN = ("cosine_to_variant", "top1_reconstruction", "psnr", "ssim")
 AXIS_QUESTIONS = {
     "severity": "How do the features, the classifier and the reconstruction degrade as each "
     "corruption gets more severe?",
@@ -392,7 +394,8 @@ AXIS_QUESTIONS = {
 
 def _robustness(result: dict) -> str:
     """Per family (a corruption, an attack and goal), its question, grid and mean metrics per
-    level (level 0: the clean image); then the metrics against severity and eps."""
+    level (level 0: the clean image) and method; the metrics against severity and eps; then the
+    second collections beside the held-out images."""
     parts = [f'<section class="analysis" id="robustness"><h3>{html.escape(result["title"])}</h3>'
              f"<p><b>{html.escape(result['question'])}</b></p>"
              f'<p class="note">Keys: {html.escape(", ".join(result["keys"]))}. Metrics: '
@@ -401,33 +404,58 @@ def _robustness(result: dict) -> str:
     families = result["families"]
     for grid in result["grids"]:
         family = families[grid["family"]]
-        head = "".join(f"<th>{m}</th>" for m in ROBUSTNESS_SHOWN)
-        rows = "".join(
-            f"<tr><td>{family['axis']} {level:g}</td>"
-            + "".join(f"<td>{fmt(family['mean'][m][i])}</td>" for m in ROBUSTNESS_SHOWN)
-            + "</tr>"
-            for i, level in enumerate(family["levels"])
-        )
+        levels = enumerate(family["levels"])
+        rows = [(f"{family['axis']} {level:g}", method, family["mean"][method], i)
+                for i, level in levels for method in result["methods"]]  # fmt: skip
         parts.append(
             f"<h4>{html.escape(grid['family'])}</h4><p><b>{html.escape(grid['question'])}</b></p>"
-            f"<figure>{_img(grid['data'], grid['caption'], ANALYSIS_PX)}<figcaption>"
-            f"{html.escape(grid['caption'])}</figcaption></figure>"
-            f'<table class="robustness"><tr><th>level</th>{head}</tr>{rows}</table>'
+            + _figure(grid)
+            + _robustness_table("level", rows, ROBUSTNESS_SHOWN)
         )
     for axis, question in AXIS_QUESTIONS.items():
         shown = {name: f for name, f in families.items() if f["axis"] == axis}
         if shown:
-            plot = _robustness_plot(shown, axis)
+            plot = _robustness_plot(shown, axis, result["methods"])
             parts.append(f"<p><b>{html.escape(question)}</b></p>{_img(plot, question, 0)}")
+    if result["ood"]:
+        ood = result["ood"]
+        rows = [(name, method, {m: [v] for m, v in row["mean"][method].items()}, 0)
+                for name, row in ood["rows"].items() for method in result["methods"]]  # fmt: skip
+        parts.append(
+            f"<h4>Unfamiliar inputs</h4><p><b>{html.escape(ood['question'])}</b></p>"
+            + _robustness_table("collection", rows, OOD_SHOWN)
+            + "".join(_figure(grid) for grid in ood["grids"])
+        )
     return "\n".join(parts) + "</section>"
 
 
-def _robustness_plot(families: dict, axis: str) -> bytes:
+def _figure(grid: dict) -> str:
+    return (f"<figure>{_img(grid['data'], grid['caption'], ANALYSIS_PX)}<figcaption>"
+            f"{html.escape(grid['caption'])}</figcaption></figure>")  # fmt: skip
+
+
+def _robustness_table(first: str, rows: list[tuple], shown: tuple[str, ...]) -> str:
+    """Rows of (label, method, means by metric, index into them)."""
+    head = "".join(f"<th>{m}</th>" for m in shown)
+    body = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{method}</td>"
+        + "".join(f"<td>{fmt(means[m][i])}</td>" for m in shown)
+        + "</tr>"
+        for label, method, means, i in rows
+    )
+    return (f'<table class="robustness"><tr><th>{first}</th><th>method</th>{head}</tr>{body}'
+            "</table>")  # fmt: skip
+
+
+def _robustness_plot(families: dict, axis: str, methods: list[str]) -> bytes:
     figure = Figure(figsize=(3.2 * len(ROBUSTNESS_SHOWN), 3.2), layout="constrained")
     for ax, metric in zip(figure.subplots(1, len(ROBUSTNESS_SHOWN)), ROBUSTNESS_SHOWN,
                           strict=True):  # fmt: skip
-        for name, family in families.items():
-            ax.plot(family["levels"], family["mean"][metric], "o-", label=name)
+        for i, (name, family) in enumerate(families.items()):
+            for method, style in zip(methods, ("o-", "s--"), strict=False):
+                label = name if method == "model" else f"{name} ({method})"
+                ax.plot(family["levels"], family["mean"][method][metric], style, label=label,
+                        color=f"C{i}")  # fmt: skip
         ax.set_xlabel(axis)
         ax.set_title(metric)
         ax.grid(alpha=0.3)

@@ -1,21 +1,24 @@
-"""`featinv variants` / `featinv robustness`: what the features keep of corrupted and adversarial
-inputs, shown by the trained decoder.
+"""`featinv variants` / `featinv robustness`: what the features keep of corrupted, adversarial
+and unfamiliar inputs, shown by the trained decoder (and the guided decoder when `guided.enabled`).
 
-`variants_run` writes the variants of held-out images (pipeline/variants.py) as an image
-collection under `<sampling output>/robustness/variants/`.  `robustness_run` stores their features
-with the extraction stage itself (a derived config: that folder as source, the model's recorded
-backbone and layer, one view that is the whole image) into `robustness/variants.zarr`, has the
-model reconstruct every variant's map (one seed per key, so only the map changes along a row), and
-measures, per variant: the cosine of the reconstruction's re-extracted map to the variant's own map
+`variants_run` writes the variants of held-out images (pipeline/variants.py) and the first images
+of any second collection (`robustness.ood`) as an image collection under
+`<sampling output>/robustness/variants/`.  `robustness_run` stores their features with the
+extraction stage itself (a derived config: that folder as source, the model's recorded backbone
+and layer, one view that is the whole image) into `robustness/variants.zarr`, has each method
+reconstruct every map (one seed per key, so only the map changes along a row), and measures, per
+variant and method: the cosine of the reconstruction's re-extracted map to the variant's own map
 and to the clean image's, the classifier's top-1 on clean, variant and reconstruction, and PSNR /
-SSIM of variant and reconstruction to the clean image.  Into `robustness/robustness.json`, with
-grids clean | variant | reconstruction per family (a corruption, an attack and goal) and level
-(severity, eps); level 0 of every family is the clean image's entry itself.
+SSIM of variant and reconstruction to the clean image.  A second collection's image is its own
+clean image.  Into `robustness/robustness.json`, with grids variant | reconstructions per family
+(a corruption, an attack and goal) and level (severity, eps; level 0 of every family is the clean
+image's entry itself) and per second collection.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,9 +29,10 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, validate_config
 from pipeline.run import run_all
-from pipeline.variants import ATTACKS, CLEAN, write_variants
+from pipeline.variants import ATTACKS, CLEAN, OOD, write_variants
 from sampling import metrics
 from sampling.analyses import Analysis, _save_grid, open_analysis
+from sampling.guided_run import guided_images
 from sampling.reextract import classify, inputs, reextract
 from sampling.sample import output_folder, resized
 from storage_specs.reader import FeatureStore
@@ -47,6 +51,12 @@ QUESTION = (
     "Does the decoder still draw the clean image from the features of a corrupted or attacked "
     "one, and does the classifier still see the same class in it?"
 )
+OOD_QUESTION = (
+    "Are the features of images unlike the classifier's training data (a second collection) "
+    "still enough to draw them, as those of held-out images are?"
+)
+METHOD_NAMES = {"model": "trained decoder", "guided": "guided decoder"}
+Reconstruct = Callable[[torch.Tensor, list[str]], torch.Tensor]  # maps, keys -> uint8 images
 CELL = 96  # grid cells: the 224 px variants and the small reconstructions at one size
 
 
@@ -54,13 +64,13 @@ def robustness_folder(config: dict) -> Path:
     return output_folder(config) / "robustness"
 
 
-def _analysis(config: dict, device: str | None) -> Analysis:
+def analysis_of(config: dict, device: str | None) -> Analysis:
     """The model and store of `config` with the `robustness:` settings (view 0)."""
     analysis = open_analysis(config, device)
     return replace(analysis, spec={**config["robustness"], "view": 0})
 
 
-def _keys(analysis: Analysis) -> list[str]:
+def keys_of(analysis: Analysis) -> list[str]:
     spec = analysis.spec
     if spec["keys"]:
         for key in spec["keys"]:
@@ -76,8 +86,8 @@ def _keys(analysis: Analysis) -> list[str]:
 
 def variants_run(config: dict, device: str | None = None) -> Path:
     """Write the variants collection and its manifest.json; the folder."""
-    analysis = _analysis(config, device)
-    keys = _keys(analysis)
+    analysis = analysis_of(config, device)
+    keys = keys_of(analysis)
     root = FeatureStore(analysis.data.url)
     sources = [str(root.samples()["source"][analysis.rows[key]]) for key in keys]
     crop_pct = root.root.attrs["views"]["eval_crop_pct"]
@@ -106,9 +116,18 @@ def variants_config(config: dict, features: dict) -> dict:
     })  # fmt: skip
 
 
+def reconstructors(config: dict, analysis: Analysis) -> dict[str, Reconstruct]:
+    """The trained decoder, and the training-free guided decoder when `guided.enabled` (with the
+    `guided:` settings), by method name."""
+    out = {"model": analysis.sample}
+    if config["guided"]["enabled"]:
+        out["guided"] = guided_images(config, str(analysis.model.device))
+    return out
+
+
 def robustness_run(config: dict, device: str | None = None, progress: bool = True) -> Path:
     """Extract, reconstruct and evaluate the variants written by `variants_run`; the folder."""
-    analysis = _analysis(config, device)
+    analysis = analysis_of(config, device)
     out = robustness_folder(config)
     manifest_path = out / "variants" / "manifest.json"
     if not manifest_path.is_file():
@@ -120,8 +139,9 @@ def robustness_run(config: dict, device: str | None = None, progress: bool = Tru
     rows = {str(k): r for r, k in enumerate(store.samples()["key"])}
     backbone = analysis.backbone()
     path = f"features/{features['backbone']}/{features['layer']}"
+    methods = reconstructors(config, analysis)
 
-    def read(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(name: str, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The variant's maps `[K, C, y, x]` and its images `[K, 3, H, W]`."""
         images = np.stack([
             np.asarray(Image.open(out / "variants" / name / f"{key}.png")) for key in keys
@@ -129,32 +149,46 @@ def robustness_run(config: dict, device: str | None = None, progress: bool = Tru
         maps = store.read_rows(path, [rows[f"{name}/{key}"] for key in keys])[:, 0]
         return torch.from_numpy(maps).float(), torch.from_numpy(images).permute(0, 3, 1, 2)
 
-    clean_maps, clean_images = read(CLEAN)
-    clean_logits = classify(backbone, inputs(backbone, clean_images))
+    def reconstructed(name: str, keys: list[str], clean: tuple | None) -> tuple[dict, dict]:
+        """Per method, the scores of the variant's reconstructions (against `clean`: maps,
+        images, logits; None: the inputs are their own clean images) and what is shown."""
+        maps, images = read(name, keys)
+        clean = clean or (maps, images, classify(backbone, inputs(backbone, images)))
+        made = {method: make(maps, keys) for method, make in methods.items()}
+        scores = {m: _scores(backbone, maps, images, x, *clean) for m, x in made.items()}
+        return scores, {"images": images, **made}
+
+    clean_maps, clean_images = read(CLEAN, keys)
+    clean = (clean_maps, clean_images, classify(backbone, inputs(backbone, clean_images)))
     per_variant, shown = {}, {}
     for name in tqdm(names, desc="robustness", disable=not progress):
-        maps, images = read(name)
-        made = analysis.sample(maps, keys)
-        shown[name] = (images, made)
-        per_variant[name] = _scores(backbone, maps, images, made, clean_maps, clean_images,
-                                    clean_logits)  # fmt: skip
+        per_variant[name], shown[name] = reconstructed(name, keys, clean)
+    ood = {}
+    for name, entry in tqdm(manifest["ood"].items(), desc="robustness ood", disable=not progress):
+        ood[name] = {**entry, "per_key": None}
+        ood[name]["per_key"], shown[OOD + name] = reconstructed(OOD + name, entry["keys"], None)
     stored = torch.from_numpy(_stored(analysis, keys))
     result = {
-        "title": "Robustness: corrupted and adversarial inputs",
+        "title": "Robustness: corrupted, adversarial and unfamiliar inputs",
         "question": QUESTION,
         "metrics": METRICS,
+        "methods": list(methods),
         "model": str(analysis.model.folder),
         "features": path,
         "keys": keys,
         "sampling": {k: analysis.spec[k] for k in ("scheduler", "steps", "guidance", "seed")},
+        "guided": config["guided"] if "guided" in methods else None,
         "variants_store": str(store.url),
         "provenance": {k: manifest[k] for k in ("seed", "settings", "libraries", "variants")},
         "clean_vs_store_cosine": _rounded(metrics.flat_cosine(clean_maps, stored)),
         "per_variant": per_variant,
-        "mean": {name: {m: _mean(s[m]) for m in METRICS} for name, s in per_variant.items()},
+        "mean": {name: _means(scores) for name, scores in per_variant.items()},
         "families": _families(manifest["variants"], per_variant),
+        "ood": _ood(ood, per_variant[CLEAN]) if ood else None,
     }
-    result["grids"] = _grids(out, result["families"], keys, clean_images, shown)
+    result["grids"] = _grids(out, result["families"], keys, shown, list(methods))
+    if ood:
+        result["ood"]["grids"] = _ood_grids(out, ood, shown, list(methods))
     (out / "robustness.json").write_text(json.dumps(result, indent=1))
     return out
 
@@ -197,9 +231,14 @@ def _mean(values: list[float]) -> float:
     return round(float(np.mean(values)), 5)
 
 
+def _means(scores: dict) -> dict:
+    """Per method, the mean of every metric over the keys."""
+    return {method: {m: _mean(values[m]) for m in METRICS} for method, values in scores.items()}
+
+
 def _families(variants: dict, per_variant: dict) -> dict:
     """Each corruption, and each attack with its goal, as levels (severity or eps, 0 first: the
-    clean entry) with the mean of every metric per level."""
+    clean entry) with, per method, the mean of every metric per level."""
     families: dict[str, dict] = {}
     for name, v in variants.items():
         if v["kind"] == CLEAN:
@@ -214,26 +253,34 @@ def _families(variants: dict, per_variant: dict) -> dict:
         entry["variants"].append(name)
     for entry in families.values():
         entry["mean"] = {
-            m: [_mean(per_variant[name][m]) for name in entry["variants"]] for m in METRICS
-        }
+            method: {m: [_mean(per_variant[name][method][m]) for name in entry["variants"]]
+                     for m in METRICS}
+            for method in per_variant[CLEAN]
+        }  # fmt: skip
     return families
 
 
-def _grids(out: Path, families: dict, keys, clean_images, shown: dict) -> list[dict]:
-    """One PNG per family: rows are keys; columns the clean image and its reconstruction, then
-    per level the variant and its reconstruction."""
+def _ood(collections: dict, clean: dict) -> dict:
+    """The second collections beside the held-out images: per method, the mean of every metric
+    (each image is its own clean image, so the metrics against it are of the image itself)."""
+    rows = {"held-out": {"mean": _means(clean)}}
+    for name, entry in collections.items():
+        rows[name] = {**entry, "mean": _means(entry["per_key"])}
+    return {"question": OOD_QUESTION, "rows": rows}
+
+
+def _grids(out: Path, families: dict, keys, shown: dict, methods: list[str]) -> list[dict]:
+    """One PNG per family: rows are keys; per level (0: the clean image) the variant and each
+    method's reconstruction."""
     grids = []
+    made = " and ".join(f"the {METHOD_NAMES[m]}'s reconstruction" for m in methods)
     for family, entry in families.items():
-        columns = []
-        for name in entry["variants"]:
-            images, made = shown[name]
-            columns += [resized(images, (CELL, CELL)), resized(made, (CELL, CELL))]
-        png = _save_grid(out / f"{family.replace(' ', '_')}.png", torch.stack(columns, 1))
+        cells = _columns([shown[name] for name in entry["variants"]], methods)
+        png = _save_grid(out / f"{family.replace(' ', '_')}.png", cells)
         levels = ", ".join(f"{entry['axis']} {level:g}" for level in entry["levels"])
         caption = (
-            f"Rows: {', '.join(keys)}. Column pairs: the variant, then the model's "
-            f"reconstruction from its features, at {levels} ({entry['axis']} 0 = the clean "
-            "image; one seed per row)."
+            f"Rows: {', '.join(keys)}. Per level: the variant, then {made} from its features, "
+            f"at {levels} ({entry['axis']} 0 = the clean image; one seed per row)."
         )
         question = (
             f"What does the decoder draw from the features of {family} inputs as the "
@@ -241,3 +288,22 @@ def _grids(out: Path, families: dict, keys, clean_images, shown: dict) -> list[d
         )
         grids.append({"family": family, "png": png, "caption": caption, "question": question})
     return grids
+
+
+def _ood_grids(out: Path, collections: dict, shown: dict, methods: list[str]) -> list[dict]:
+    """One PNG per second collection: rows are its images, then each method's reconstruction."""
+    grids = []
+    made = " and ".join(f"the {METHOD_NAMES[m]}'s reconstruction" for m in methods)
+    for name, entry in collections.items():
+        png = _save_grid(out / f"ood_{name}.png", _columns([shown[OOD + name]], methods))
+        caption = f"Rows: {', '.join(entry['keys'])} ({entry['source']}); the image, then {made}."
+        grids.append({"collection": name, "png": png, "caption": caption})
+    return grids
+
+
+def _columns(levels: list[dict], methods: list[str]) -> torch.Tensor:
+    """`[rows, columns, 3, CELL, CELL]`: per level the inputs, then each method's images."""
+    columns = [
+        resized(level[what], (CELL, CELL)) for level in levels for what in ("images", *methods)
+    ]
+    return torch.stack(columns, 1)

@@ -20,7 +20,7 @@ from pipeline.backbones import BackboneSpec, load_backbone
 from pipeline.config import ConfigError, validate_config
 from pipeline.variants import Variant, attacked, clean_view, corrupted, variants_of
 from sampling.reextract import classify, inputs
-from sampling.report import ROBUSTNESS_SHOWN, _robustness, _robustness_result, fmt
+from sampling.report import OOD_SHOWN, ROBUSTNESS_SHOWN, _robustness, _robustness_result, fmt
 from sampling.robustness import robustness_run, variants_run
 from tests.test_analyses import tiny_model  # noqa: F401 (the fixture)
 
@@ -94,7 +94,7 @@ def test_severity_and_eps_zero_are_the_clean_image(lite0, chelsea):
         corrupted(chelsea[0], "smog", 1, seed=0)
 
 
-def robustness_config(store: str, model, out, **robustness) -> dict:
+def robustness_config(store: str, model, out, guided: dict | None = None, **robustness) -> dict:
     spec = {"limit": 1, "corruptions": ["gaussian_noise"], "severities": [0, 3],
             "attacks": ["pgd"], "targeted": [False], "epsilons": [0, 0.016], "pgd_steps": 2,
             "steps": 4, "guidance": 1.0, **robustness}  # fmt: skip
@@ -103,46 +103,85 @@ def robustness_config(store: str, model, out, **robustness) -> dict:
             "store": store,
             "sampling": {"model": str(model), "output_dir": str(out)},
             "robustness": spec,
+            "guided": guided or {},
         },
         "sample",
     )
 
 
-def test_robustness_run_on_the_demo_store(train_store, tiny_model, tmp_path):  # noqa: F811
-    config = robustness_config(train_store, tiny_model, tmp_path)
+@pytest.fixture
+def second_collection(tmp_path) -> str:
+    """Space photos unlike ImageNet's, and a truncated file sorted first (a recorded skip)."""
+    folder = tmp_path / "space"
+    folder.mkdir()
+    Image.fromarray(data.hubble_deep_field()).save(folder / "hubble.jpg")
+    Image.fromarray(data.moon()).save(folder / "moon.png")
+    (folder / "a_torn.jpg").write_bytes((folder / "hubble.jpg").read_bytes()[:300])
+    return str(folder)
+
+
+def test_robustness_run_on_the_demo_store(train_store, tiny_model, second_collection, tmp_path):  # noqa: F811
+    guided = {"enabled": True, "steps": 3,
+              "travel": {"early_steps": 1, "early": 2, "later": 1, "last": 1}}  # fmt: skip
+    ood = [{"name": "space", "source": second_collection, "limit": 2}]
+    config = robustness_config(train_store, tiny_model, tmp_path, guided=guided, ood=ood)
     folder = variants_run(config)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert list(manifest["variants"]) == ["clean", "gaussian_noise-3", "pgd-untargeted-eps0p016"]
     assert set(manifest["libraries"]) >= {"imagecorruptions-imaug", "foolbox"}
     key = manifest["keys"][0]
     assert (folder / "pgd-untargeted-eps0p016" / f"{key}.png").is_file()
+    space = manifest["ood"]["space"]
+    assert space["keys"] == ["hubble", "moon"] and list(space["skipped"]) == ["a_torn"]
+    assert (folder / "ood-space" / "moon.png").is_file()
 
     out = robustness_run(config, progress=False)
     result = json.loads((out / "robustness.json").read_text())
+    assert result["methods"] == ["model", "guided"]
     assert result["clean_vs_store_cosine"] == [1.0]  # the clean variant is the stored view 0
     per_variant = result["per_variant"]
-    clean = per_variant["clean"]
-    assert clean["top1_variant"] == [1.0] and clean["psnr_variant"] == [100.0]
-    assert clean["cosine_to_variant"] == clean["cosine_to_clean"]
-    attack = per_variant["pgd-untargeted-eps0p016"]
-    assert attack["top1_variant"] == [0.0]  # the attack works on the stored backbone too
-    assert attack["class_variant"] != attack["class_clean"]
-    for family in result["families"].values():
-        assert family["levels"][0] == 0 and family["variants"][0] == "clean"
-        for metric, means in family["mean"].items():
-            assert means[0] == result["mean"]["clean"][metric]
+    for method in result["methods"]:
+        clean = per_variant["clean"][method]
+        assert clean["top1_variant"] == [1.0] and clean["psnr_variant"] == [100.0]
+        assert clean["cosine_to_variant"] == clean["cosine_to_clean"]
+        attack = per_variant["pgd-untargeted-eps0p016"][method]
+        assert attack["top1_variant"] == [0.0]  # the attack works on the stored backbone too
+        assert attack["class_variant"] != attack["class_clean"]
+        for family in result["families"].values():
+            assert family["levels"][0] == 0 and family["variants"][0] == "clean"
+            for metric, means in family["mean"][method].items():
+                assert means[0] == result["mean"]["clean"][method][metric]
+    # The guided decoder fits the maps it is given better than the trained one (tiny, 4 steps).
+    model, guided = (result["mean"]["clean"][m]["cosine_to_variant"] for m in result["methods"])
+    assert guided > model, (guided, model)
+    rows = result["ood"]["rows"]
+    assert (
+        list(rows) == ["held-out", "space"] and rows["held-out"]["mean"] == result["mean"]["clean"]
+    )
+    own = rows["space"]["per_key"]["model"]
+    assert own["psnr_variant"] == [100.0, 100.0] and own["top1_variant"] == [1.0, 1.0]
     grids = result["grids"]
     assert [g["family"] for g in grids] == ["gaussian_noise", "pgd untargeted"]
-    assert all((out / g["png"]).is_file() and g["question"].endswith("?") for g in grids)
+    assert [g["collection"] for g in result["ood"]["grids"]] == ["space"]
+    every = grids + result["ood"]["grids"]
+    assert all((out / g["png"]).is_file() for g in every)
+    assert all(g["question"].endswith("?") for g in grids)
 
     page = html.unescape(_robustness(_robustness_result(out)))  # the report's section
-    assert result["question"] in page and page.count("<img") == len(grids) + 2
+    assert result["question"] in page and result["ood"]["question"] in page
+    assert page.count("<img") == len(every) + 2
     for grid in grids:
         family = result["families"][grid["family"]]
         assert grid["question"] in page
         for i, level in enumerate(family["levels"]):
-            cells = "".join(f"<td>{fmt(family['mean'][m][i])}</td>" for m in ROBUSTNESS_SHOWN)
-            assert f"<td>{family['axis']} {level:g}</td>{cells}" in page
+            for method in result["methods"]:
+                means = family["mean"][method]
+                cells = "".join(f"<td>{fmt(means[m][i])}</td>" for m in ROBUSTNESS_SHOWN)
+                assert f"<td>{family['axis']} {level:g}</td><td>{method}</td>{cells}" in page
+    for name, row in rows.items():
+        for method in result["methods"]:
+            cells = "".join(f"<td>{fmt(row['mean'][method][m])}</td>" for m in OOD_SHOWN)
+            assert f"<td>{name}</td><td>{method}</td>{cells}" in page
 
 
 def test_unknown_key_fails_in_one_line(train_store, tiny_model, tmp_path):  # noqa: F811
