@@ -63,6 +63,8 @@ class Checkpoints:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self.accelerator.save_state(str(tmp), safe_serialization=True)
+        # Every rank writes its RNG state into tmp: all of them must be done before it moves.
+        self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             if ema is not None:
                 save_file({str(i): p.detach().cpu().contiguous()
