@@ -32,8 +32,11 @@ if not workflow.overwrite_configfiles:
     configfile: "config/config.yaml"
 
 
+# One-line errors for people, from the process they started (a cluster job's Snakemake reads the
+# config that process checked, and skips loading every backbone again); snakemake's own check
+# below fills the defaults.
 try:
-    validate_config(config)  # one-line errors for people; snakemake's own check below fills defaults
+    validate_config(config, "extract" if workflow.is_main_process else "finalize")
 except ConfigError as exc:
     sys.exit(f"featinv: {exc}")
 GIVEN = json.loads(json.dumps(config))  # what the user set, before the schema's defaults

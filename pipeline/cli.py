@@ -92,7 +92,7 @@ def cmd_finalize(args) -> None:
     onsuccess, or `featinv info`)."""
     from pipeline.finalize import finalize_store
 
-    config = load_config(args.config)
+    config = load_config(args.config, purpose="finalize")  # the plan job checked the backbones
     groups = None if args.stage == "all" else stage_groups(config, args.stage)
     summary = finalize_store(config["store"], groups)
     if args.out:

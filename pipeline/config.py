@@ -15,7 +15,6 @@ from urllib.parse import urlsplit
 
 import fsspec
 import jsonschema
-import torch
 import yaml
 
 from pipeline.endpoints import unreachable_message
@@ -77,7 +76,8 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
 
     For `purpose="train"` only `store` and `training` are required and no backbone is looked at:
     training reads the store alone (a config may be nothing but those two keys); `"sample"`
-    (sampling, evaluation, report, analyses) needs the store and a model to read.
+    (sampling, evaluation, report, analyses) needs the store and a model to read; `"finalize"`
+    checks the whole schema but, like those, builds no backbone (the plan job did).
     """
     config = copy.deepcopy(config)
     schema = load_schema()
@@ -90,7 +90,7 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
         if key in config:
             check_url(f"config {key}", config[key])
     _check_ood(config.get("robustness", {}).get("ood", []))
-    if purpose in REQUIRED:
+    if purpose != "extract":  # only extraction builds the backbones: the rest reads the store
         return config
     _check_backbones(config["backbones"])
     _check_targets(config["targets"], {entry["name"] for entry in config["backbones"]})
@@ -98,7 +98,8 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
 
 
 def _check_backbones(backbones: list[dict]) -> None:
-    import timm  # deferred: importing timm costs a second, schema errors should not
+    import timm  # deferred: importing torch and timm costs seconds, schema errors should not
+    import torch
 
     from pipeline.backbones import check_layer
     from storage_specs.codecs import compression_codecs

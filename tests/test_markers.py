@@ -1,6 +1,6 @@
 """The store is the authority over Snakemake's markers in work_dir: after a complete run, a store
-that is deleted (or its bucket emptied) or replaced by another one is rebuilt by the same command,
-locally and on S3 (the loopback moto server)."""
+that is deleted (on disk), whose bucket is emptied (S3, the loopback moto server) or that is
+replaced by another one is rebuilt by the same command."""
 
 from __future__ import annotations
 
@@ -63,6 +63,8 @@ def _complete(url: str) -> str:
 
 
 def test_gone_or_replaced_store_is_rebuilt(small_dir, tmp_path, store):
+    """On disk the store is deleted, then replaced by another one at its path; on S3 its bucket
+    is emptied (the S3 store's replacement is the same code: a store_id read through fsspec)."""
     config = make_config(tmp_path, small_dir, store=store, **CONFIG)
     write_config(tmp_path, config)
     out = _run(tmp_path)
@@ -75,6 +77,8 @@ def test_gone_or_replaced_store_is_rebuilt(small_dir, tmp_path, store):
     assert "Nothing to be done" not in out
     second = _complete(store)
     assert second != first
+    if store.startswith("s3://"):
+        return
 
     _delete(store)
     plan_store(config)  # another store at the same URL: planned, nothing committed
