@@ -165,8 +165,8 @@ def robustness_run(config: dict, device: str | None = None, progress: bool = Tru
         per_variant[name], shown[name] = reconstructed(name, keys, clean)
     ood = {}
     for name, entry in tqdm(manifest["ood"].items(), desc="robustness ood", disable=not progress):
-        ood[name] = {**entry, "per_key": None}
-        ood[name]["per_key"], shown[OOD + name] = reconstructed(OOD + name, entry["keys"], None)
+        scores, shown[OOD + name] = reconstructed(OOD + name, entry["keys"], None)
+        ood[name] = {**entry, "per_key": scores}
     stored = torch.from_numpy(_stored(analysis, keys))
     result = {
         "title": "Robustness: corrupted, adversarial and unfamiliar inputs",
@@ -273,7 +273,7 @@ def _grids(out: Path, families: dict, keys, shown: dict, methods: list[str]) -> 
     """One PNG per family: rows are keys; per level (0: the clean image) the variant and each
     method's reconstruction."""
     grids = []
-    made = " and ".join(f"the {METHOD_NAMES[m]}'s reconstruction" for m in methods)
+    made = _reconstructions(methods)
     for family, entry in families.items():
         cells = _columns([shown[name] for name in entry["variants"]], methods)
         png = _save_grid(out / f"{family.replace(' ', '_')}.png", cells)
@@ -293,12 +293,17 @@ def _grids(out: Path, families: dict, keys, shown: dict, methods: list[str]) -> 
 def _ood_grids(out: Path, collections: dict, shown: dict, methods: list[str]) -> list[dict]:
     """One PNG per second collection: rows are its images, then each method's reconstruction."""
     grids = []
-    made = " and ".join(f"the {METHOD_NAMES[m]}'s reconstruction" for m in methods)
+    made = _reconstructions(methods)
     for name, entry in collections.items():
         png = _save_grid(out / f"ood_{name}.png", _columns([shown[OOD + name]], methods))
         caption = f"Rows: {', '.join(entry['keys'])} ({entry['source']}); the image, then {made}."
         grids.append({"collection": name, "png": png, "caption": caption})
     return grids
+
+
+def _reconstructions(methods: list[str]) -> str:
+    """What a grid shows after the inputs, for its caption."""
+    return " and ".join(f"the {METHOD_NAMES[m]}'s reconstruction" for m in methods)
 
 
 def _columns(levels: list[dict], methods: list[str]) -> torch.Tensor:
