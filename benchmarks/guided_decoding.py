@@ -73,10 +73,12 @@ def main() -> None:
           f"{prior.about.get('condition_dropout')}, images {tuple(prior.shape)}; "
           f"{len(rows)} held-out targets; settings {json.dumps(spec)}")  # fmt: skip
     reference = _pooled_real(store)
-    curves, columns = {}, [torch.from_numpy(store.read_rows("pixels/pixels/rgb", list(rows))[:, 0])]
+    photos = torch.from_numpy(store.read_rows("pixels/pixels/rgb", list(rows))[:, 0])
+    floor = metrics.frechet_distance(reference, _pooled_real(store, rows))
+    curves, columns = {}, [photos]
     kinds = {"map": ("features/efficientnet_lite0/blocks.3", False), "pooled": (PRE_LOGITS, True)}
     for path, pooled in (kinds[k] for k in args.kinds):
-        found, images = _compare(store, path, pooled, rows, prior, spec, reference)
+        found, images = _compare(store, path, pooled, rows, prior, spec, (reference, photos, floor))
         curves |= found
         columns += images
     if args.plot:
@@ -86,7 +88,11 @@ def main() -> None:
         save_image(grid.float() / 255, args.images, nrow=len(columns), padding=1)
 
 
-def _compare(store, path, pooled, rows, prior, spec, reference) -> dict:
+def _compare(store, path, pooled, rows, prior, spec, real) -> dict:
+    """Both methods on the targets at `path`; beside them, the real photos themselves (`real`:
+    every photo's pre-logits, the targets' stored 64 px views, the targets' own Fréchet distance):
+    the floor no image set of these targets can go below, but by chance."""
+    reference, photos, floor = real
     backbone = recorded_backbone(dict(store.require(path).attrs))
     backbone.model.requires_grad_(False)
     distance = FeatureDistance(backbone)
@@ -112,7 +118,8 @@ def _compare(store, path, pooled, rows, prior, spec, reference) -> dict:
     print(f"\n{kind}: {len(rows)} targets, passes per image mean {passes.mean():.0f} "
           f"(min {passes.min():.0f}, max {passes.max():.0f})")  # fmt: skip
     print(f"{'method':10s} {'cosine':>7s} {'top-1':>6s} {'Fréchet':>8s} {'s/image':>8s}")
-    for name, images, seconds in (("guided", guided_images, guided_s),
+    print(f"{'photo':10s} {1:7.3f} {1:6.3f} {floor:8.1f} {'-':>8s}   (the target's own view)")
+    for name, images, seconds in (("photo@64", photos, None), ("guided", guided_images, guided_s),
                                   ("pixelopt", optimised_images, pixel_s)):  # fmt: skip
         made = reextract(backbone, images)
         made = made.mean(dim=(2, 3)) if pooled else made
@@ -120,7 +127,8 @@ def _compare(store, path, pooled, rows, prior, spec, reference) -> dict:
         logits = classify(backbone, inputs(backbone, images))
         top1 = metrics.topk_agreement(classify(backbone, originals), logits, 1).mean().item()
         fd = metrics.frechet_distance(reference, metrics.pooled(reextract(pre_logits, images)))
-        print(f"{name:10s} {cosine:7.3f} {top1:6.3f} {fd:8.1f} {seconds / len(rows):8.2f}")
+        per_image = "-" if seconds is None else f"{seconds / len(rows):.2f}"
+        print(f"{name:10s} {cosine:7.3f} {top1:6.3f} {fd:8.1f} {per_image:>8s}")
     curves = {f"{kind} guided": guided.trace, f"{kind} pixelopt": optimised.trace}
     print("cosine within a budget of passes (mean over targets; as the decoder measures it):")
     print("  passes   " + " ".join(f"{b:>6d}" for b in BUDGETS))
@@ -135,10 +143,11 @@ def _curve(trace: list[list[float]], budgets) -> list[float]:
     return [float(np.mean([t[min(b, len(t)) - 1] for t in trace])) for b in budgets]
 
 
-def _pooled_real(store) -> torch.Tensor:
-    """The pre-logits of every valid photo of the store (view 0): the real images' set."""
-    valid = np.flatnonzero(store.samples()["valid"])
-    maps = torch.from_numpy(store.read_rows(PRE_LOGITS, list(valid))[:, 0]).float()
+def _pooled_real(store, rows=None) -> torch.Tensor:
+    """The pre-logits (view 0) of every valid photo of the store, the real images' set, or of
+    `rows`."""
+    rows = np.flatnonzero(store.samples()["valid"]) if rows is None else rows
+    maps = torch.from_numpy(store.read_rows(PRE_LOGITS, list(rows))[:, 0]).float()
     return metrics.pooled(maps)
 
 
