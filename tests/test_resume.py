@@ -114,3 +114,16 @@ def test_failed_shard_write_stops_the_job_without_committing_it(one_backbone):
     assert [r["shard"] for r in records] == [0, 1, 2] and _commits(store) == 3
     finalize_store(config["store"], progress=False)
     assert validate_store(config["store"]) == []
+
+
+def test_decode_workers_do_not_change_the_store(small_dir, tmp_path):
+    """Two decode workers take alternate runs of 3 rows (across shards of 4, a torn photo among
+    them) and send each run's inputs as one tensor: the store is the one a job that decodes
+    in its own process builds."""
+    stores = []
+    for workers in (0, 2):
+        (tmp_path / str(workers)).mkdir()
+        config = make_config(tmp_path / str(workers), small_dir, num_workers=workers, batch_size=3)
+        build_store(config)
+        stores.append(store_objects(config["store"]))
+    assert stores[0] == stores[1]
