@@ -115,9 +115,7 @@ def memory_shard(
     return arr, objects
 
 
-def stored_bytes(
-    data: np.ndarray, compressors: list, chunks: tuple[int, ...] | None = None
-) -> int:
+def stored_bytes(data: np.ndarray, compressors: list, chunks: tuple[int, ...] | None = None) -> int:
     """Bytes zarr stores for ``data`` as one shard with these compressors: chunks, their
     checksums and the shard index (not the metadata)."""
     arr, objects = memory_shard(data, compressors, chunks)
