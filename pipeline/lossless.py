@@ -19,9 +19,10 @@ import zarr
 
 from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits
-from pipeline.encoders import Encoder, resolve_views
+from pipeline.encoders import Encoder
 from pipeline.extract import autocast_for, prepare, run_batch, to_storage
 from pipeline.sources import SourceItem, read_items
+from pipeline.views import ViewSpec
 from storage_specs.codecs import choose_lossless, needs_choice
 from storage_specs.layout import ArraySpec, array_chunks
 
@@ -48,19 +49,22 @@ def choose_chains(
 ) -> list[ArraySpec]:  # fmt: skip
     """`specs` with every open lossless chain settled: read from the store for existing arrays,
     measured on the first samples for new ones (`planar` where none of them decodes)."""
-    new = [spec for spec in specs if needs_choice(spec.compression) and spec.path not in root]
-    values = first_values(config, encoders, items, new) if new else {}
-    return [_settled(root, spec, values) for spec in specs]
+    open_ = [spec for spec in specs if needs_choice(spec.compression)]
+    stored = {s.path: root[s.path].attrs.get("compression", {}) for s in open_ if s.path in root}
+    new = [spec for spec in open_ if spec.path not in stored]
+    views = ViewSpec.from_config(root.attrs["views"])  # the views the jobs will render
+    values = first_values(config, encoders, items, new, views) if new else {}
+    return [_settled(spec, stored, values) for spec in specs]
 
 
-def _settled(root: zarr.Group, spec: ArraySpec, values: dict[str, np.ndarray]) -> ArraySpec:
+def _settled(spec: ArraySpec, stored: dict[str, dict], values: dict[str, np.ndarray]) -> ArraySpec:
     if not needs_choice(spec.compression):
         return spec
-    if spec.path in root:  # the chain it was made with (a lossy one fails in require_array)
-        stored = root[spec.path].attrs.get("compression", {})
-        if stored.get("mode") != "lossless":
+    if spec.path in stored:  # the chain it was made with (a lossy one fails in require_array)
+        made = stored[spec.path]
+        if made.get("mode") != "lossless":
             return spec
-        chain = {key: stored[key] for key in ("mode", "shuffle", "level") if key in stored}
+        chain = {key: made[key] for key in ("mode", "shuffle", "level") if key in made}
         return replace(spec, compression=chain)
     if spec.path not in values:
         return spec
@@ -69,12 +73,13 @@ def _settled(root: zarr.Group, spec: ArraySpec, values: dict[str, np.ndarray]) -
 
 
 def first_values(
-    config: dict, encoders: list[Encoder], items: list[SourceItem], specs: list[ArraySpec]
-) -> dict[str, np.ndarray]:
+    config: dict, encoders: list[Encoder], items: list[SourceItem], specs: list[ArraySpec],
+    views: ViewSpec,
+) -> dict[str, np.ndarray]:  # fmt: skip
     """The stored values (`[sample, view, ...]`) of the first `SAMPLE_ROWS` usable images of the
     first shard, per array path of `specs`; unusable images are skipped as extraction skips them."""
     torch.set_num_threads(config["threads"])
-    views, limits = resolve_views(config), ImageLimits(**config["image_limits"])
+    limits = ImageLimits(**config["image_limits"])
     prepares = {encoder.name: encoder.prepare for encoder in encoders}
     rows = items[: config["shard_size"]]
     uris = [with_credentials(item.uri, config["source"]) for item in rows]
