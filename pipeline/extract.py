@@ -134,6 +134,12 @@ def pack(samples: list[dict]) -> dict:
     return {"samples": listed, "inputs": inputs}
 
 
+def as_sent(run: dict) -> dict:
+    """The DataLoader's collate step for a `pack`ed run: none (its default turns every sample's
+    numpy views into a tensor, each one more shared-memory hand-over)."""
+    return run
+
+
 def unpack(run: dict) -> Iterator[dict]:
     """The samples of a `pack`ed run in order, each with its own inputs again (views of the
     run's tensors; every sample has the same number of views)."""
@@ -339,6 +345,7 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
     loader = DataLoader(
         dataset,
         batch_size=None,
+        collate_fn=as_sent,
         num_workers=config["num_workers"],
         prefetch_factor=2 if config["num_workers"] else None,  # runs: two batches ahead
     )
