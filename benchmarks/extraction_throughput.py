@@ -11,6 +11,9 @@ exactly the forward the stage needs (``Backbone.encode``: ``LayerTaps``, the net
 deepest requested layer) under ``torch.inference_mode()``, on the stage's own preprocessed inputs
 (``pipeline.extract.prepare``: decode, eval view, normalise) built beforehand and held in memory.
 
+Both run with the allocator setting of an extraction job (``retain_freed_memory``, process-wide;
+``benchmarks/allocator.py`` measures it against glibc's default).
+
 Images: the demo collection's decodable photos, copied round-robin up to ``--images`` files.
 Subject and baseline alternate job by job in one process (after an untimed warm-up), so that
 load from other processes hits both; the result is the median of per-repeat ratios
@@ -45,6 +48,7 @@ from pipeline.decode import ImageLimits
 from pipeline.demo import IMAGE_SUFFIXES, TRUNCATED, build_demo_images
 from pipeline.encoders import load_encoders, resolve_views
 from pipeline.extract import extract_shards, prepare, shard_batches, to_storage
+from pipeline.memory import retain_freed_memory
 from pipeline.plan import plan_store
 from pipeline.sources import list_source, read_items
 from storage_specs.layout import open_root, write_shard
@@ -242,6 +246,7 @@ def main() -> None:
         "--breakdown", action="store_true", help="also time each piece of the stage alone"
     )
     args = parser.parse_args()
+    retain_freed_memory()  # as every extraction job does: the bare forward gets it too
     single = {"name": args.backbone, "weights": args.weights, "layers": args.layers}
     with tempfile.TemporaryDirectory(prefix="featinv-bench-") as tmp_dir:
         tmp = Path(tmp_dir)

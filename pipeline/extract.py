@@ -30,6 +30,7 @@ from zarr.storage import MemoryStore
 from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits, SkipSample, decode_image, decode_jpegs, jpeg_size
 from pipeline.encoders import Encoder, load_encoders
+from pipeline.memory import retain_freed_memory
 from pipeline.sources import read_items
 from pipeline.views import ViewSpec, draw_views
 from storage_specs.layout import (
@@ -259,10 +260,15 @@ class ShardWriter:
             kept += list(zip(rows, values.float().cpu().numpy(), strict=True))
             del kept[REFERENCE_ROWS:]
 
-    def encode(self, lo: int, hi: int) -> None:
-        """Compress rows [lo, hi) of the shard (rows of skipped samples stay fill values)."""
+    def add(self, rows: list[int], outputs: dict[str, torch.Tensor]) -> None:
+        """Round and compress a batch's consecutive rows (in the writer thread; rows of skipped
+        samples between them stay fill values)."""
+        for path, values in outputs.items():
+            self.put(path, rows, values)
         for path, staged in self.staged.items():
-            staged[self.start + lo : self.start + hi] = self.buffers[path][lo:hi]
+            staged[self.start + rows[0] : self.start + rows[-1] + 1] = self.buffers[path][
+                rows[0] : rows[-1] + 1
+            ]
 
     def flush(self) -> None:
         """Store each array's shard object whole (one PUT each); a shard with no data deletes
@@ -287,15 +293,29 @@ def group_arrays(root: zarr.Group, group: str) -> dict[str, zarr.Array]:
     return arrays
 
 
-def run_batch(encoders: list[Encoder], batch: list[dict], writer: ShardWriter, autocast) -> None:
-    """Encode all views of a batch of samples; arrays get rows `[B, K, ...]`."""
-    rows = [sample["row"] for sample in batch]
+def encode_batch(encoders: list[Encoder], batch: list[dict], autocast) -> dict[str, torch.Tensor]:
+    """All views of a batch of samples through every encoder: values `[B, K, ...]` per array."""
+    outputs = {}
     for encoder in encoders:
-        x = torch.cat([sample["inputs"][encoder.name] for sample in batch])
+        x = joined([sample["inputs"][encoder.name] for sample in batch])
         with torch.inference_mode(), autocast():
-            outputs = encoder.encode(x)
-        for path, values in outputs.items():
-            writer.put(path, rows, values.reshape(len(batch), -1, *values.shape[1:]))
+            for path, values in encoder.encode(x).items():
+                outputs[path] = values.reshape(len(batch), -1, *values.shape[1:])
+    return outputs
+
+
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts as one batch: the tensor they are consecutive pieces of when they are (a run from
+    a decode worker, `unpack`), a copy otherwise."""
+    first = parts[0]
+    offsets = [first.storage_offset()]
+    for part in parts:
+        same = part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (same and part.is_contiguous() and part.storage_offset() == offsets[-1]):
+            return torch.cat(parts)
+        offsets.append(offsets[-1] + part.numel())
+    shape = (sum(len(part) for part in parts), *first.shape[1:])
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 def autocast_for(mode: str | bool, device: torch.device) -> Callable:
@@ -329,6 +349,7 @@ def extract_shards(
 def _extract(config: dict, root, group: str, shards: list[int], progress: bool) -> dict:
     ranges = [shard_range(s, root.attrs["shard_size"], root.attrs["n_samples"]) for s in shards]
     arrays = group_arrays(root, group)
+    retain_freed_memory()  # every batch would fault its activations in afresh
     torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
     encoders = load_encoders(config, group, str(device))
@@ -440,6 +461,6 @@ class Job:
             batch = [sample for sample in batch if sample["inputs"] is not None]
             if not batch:
                 return []
-        run_batch(self.encoders, batch, writer, self.autocast)
+        outputs = encode_batch(self.encoders, batch, self.autocast)
         self.bar.update(len(batch))
-        return [thread.submit(writer.encode, batch[0]["row"], batch[-1]["row"] + 1)]
+        return [thread.submit(writer.add, [sample["row"] for sample in batch], outputs)]

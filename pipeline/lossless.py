@@ -20,7 +20,7 @@ import zarr
 from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits
 from pipeline.encoders import Encoder
-from pipeline.extract import autocast_for, prepare, run_batch, to_storage
+from pipeline.extract import autocast_for, encode_batch, prepare, to_storage
 from pipeline.sources import SourceItem, read_items
 from pipeline.views import ViewSpec
 from storage_specs.codecs import choose_lossless, needs_choice
@@ -30,12 +30,12 @@ SAMPLE_ROWS = 32  # at most: the chunks' sizes, not their count, decide (a chunk
 
 
 class Collected:
-    """What `run_batch` writes, kept in memory at each array's storage dtype."""
+    """What `encode_batch` makes, kept in memory at each array's storage dtype."""
 
     def __init__(self, dtypes: dict[str, str]):
         self.dtypes, self.rows = dtypes, {path: [] for path in dtypes}
 
-    def put(self, path: str, rows: list[int], values: torch.Tensor) -> None:
+    def put(self, path: str, values: torch.Tensor) -> None:
         if path in self.dtypes:  # arrays whose chain is set need no sample
             self.rows[path].append(to_storage(values, self.dtypes[path]))
 
@@ -91,7 +91,9 @@ def first_values(
     collected = Collected({spec.path: spec.dtype for spec in specs})
     autocast = autocast_for(config["autocast"], torch.device("cpu"))
     for start in range(0, len(samples), config["batch_size"]):
-        run_batch(encoders, samples[start : start + config["batch_size"]], collected, autocast)
+        batch = samples[start : start + config["batch_size"]]
+        for path, values in encode_batch(encoders, batch, autocast).items():
+            collected.put(path, values)
     if not samples:
         print("featinv: no usable image in the first shard to choose lossless chains on: "
               "planar for every array", file=sys.stderr)  # fmt: skip

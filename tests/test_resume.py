@@ -15,6 +15,7 @@ from pipeline.config import validate_config
 from pipeline.extract import extract_shard, extract_shards
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
+from storage_specs.layout import StoreError
 from storage_specs.validate import validate_store
 from tests.conftest import build_store, make_config, snakemake, store_objects, write_config
 
@@ -114,6 +115,19 @@ def test_failed_shard_write_stops_the_job_without_committing_it(one_backbone):
     assert [r["shard"] for r in records] == [0, 1, 2] and _commits(store) == 3
     finalize_store(config["store"], progress=False)
     assert validate_store(config["store"]) == []
+
+
+def test_values_beyond_the_storage_dtype_fail_the_job_in_one_line(small_dir, tmp_path):
+    """Features that overflow fp16 (rounded in the writer thread, behind the forward) fail the
+    job with the array named, and no shard of the job is committed."""
+    entry = {"name": "resnet18", "weights": "random", "layers": ["layer4"],
+             "preprocessing": {"std": [1e-6] * 3}}  # fmt: skip
+    config = make_config(tmp_path, small_dir, backbones=[entry])
+    plan_store(config)
+    message = r"^features/resnet18/layer4: values are not finite at fp16 \(max \|x\| = .*bf16$"
+    with pytest.raises(StoreError, match=message):
+        extract_shards(config, "main", [0, 1], progress=False)
+    assert _commits(Path(config["store"])) == 0
 
 
 def test_decode_workers_do_not_change_the_store(small_dir, tmp_path):
