@@ -3,10 +3,11 @@
 One job extracts a contiguous run of shards (`shard_batches`): its models load and its decode
 workers start once.  Images are read and decoded once, in DataLoader worker processes that overlap
 with the forward passes; each encoder of the group (backbones, targets) prepares its inputs for
-every view of the sample there.  A writer thread compresses each batch's rows as soon as the
-forward has made them (zarr's own codecs, into an in-memory copy of the array) and, once a shard
-is whole, stores each array's shard as one object (zarr's write unit), then the shard's commit
-record: a shard is either committed and complete, or absent and redone whole by the next run.
+every view of the sample there.  A writer thread rounds each batch's rows to the storage dtype
+and compresses them as soon as the forward has made them (zarr's own codecs, into an in-memory
+copy of the array) and, once a shard is whole, stores each array's shard as one object (zarr's
+write unit), then the shard's commit record: a shard is either committed and complete, or absent
+and redone whole by the next run.  The job keeps the memory it frees (`pipeline.memory`).
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ def staging_array(arr: zarr.Array) -> zarr.Array:
 
 
 class ShardWriter:
-    """One shard of every array of the group: rows are compressed batch by batch (`encode`, in
-    the writer thread) and stored as one object per array (`flush`).
+    """One shard of every array of the group: rows are rounded and compressed batch by batch
+    (`add`, in the writer thread) and stored as one object per array (`flush`).
 
     For lossy arrays, the job of shard 0 also keeps the exact values of its first few samples
     (`reference/...`), so the validator can measure the error that was really committed.
