@@ -371,7 +371,8 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
         num_workers=config["num_workers"],
         prefetch_factor=2 if config["num_workers"] else None,  # runs: two batches ahead
     )
-    samples = (sample for run in loader for sample in unpack(run))
+    runs = iter(loader)  # the decode workers start now, while the job sets up its first shard
+    samples = (sample for run in runs for sample in unpack(run))
     bar = tqdm(total=len(keys), unit="img", disable=not progress, desc="extract")
     job = Job(encoders, config["batch_size"], views.count, autocast_for(config["autocast"], device),
               bar, decoder)  # fmt: skip
