@@ -308,13 +308,12 @@ def encode_batch(encoders: list[Encoder], batch: list[dict], autocast) -> dict[s
 def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     """The parts as one batch: the tensor they are consecutive pieces of when they are (a run from
     a decode worker, `unpack`), a copy otherwise."""
-    first = parts[0]
-    offsets = [first.storage_offset()]
+    first, offset = parts[0], parts[0].storage_offset()
     for part in parts:
         same = part.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-        if not (same and part.is_contiguous() and part.storage_offset() == offsets[-1]):
+        if not (same and part.is_contiguous() and part.storage_offset() == offset):
             return torch.cat(parts)
-        offsets.append(offsets[-1] + part.numel())
+        offset += part.numel()
     shape = (sum(len(part) for part in parts), *first.shape[1:])
     return first.as_strided(shape, first.stride(), first.storage_offset())
 

@@ -10,9 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.config import validate_config
-from pipeline.extract import extract_shard, extract_shards
+from pipeline.extract import extract_shard, extract_shards, joined, pack, unpack
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
 from storage_specs.layout import StoreError
@@ -128,6 +129,21 @@ def test_values_beyond_the_storage_dtype_fail_the_job_in_one_line(small_dir, tmp
     with pytest.raises(StoreError, match=message):
         extract_shards(config, "main", [0, 1], progress=False)
     assert _commits(Path(config["store"])) == 0
+
+
+def test_a_batch_of_one_runs_samples_is_that_run_without_a_copy():
+    run = pack([{"row": r, "inputs": {"b": torch.full((2, 3), float(r))}} for r in range(3)])
+    parts = [sample["inputs"]["b"] for sample in unpack(run)]
+    whole = joined(parts)
+    assert whole.data_ptr() == run["inputs"]["b"].data_ptr() and torch.equal(
+        whole, run["inputs"]["b"]
+    )
+    tail = joined(parts[1:])
+    assert tail.data_ptr() == parts[1].data_ptr() and torch.equal(tail, run["inputs"]["b"][2:])
+    gap = joined([parts[0], parts[2]])  # a skipped sample between them: copied, in order
+    assert gap.data_ptr() != parts[0].data_ptr() and torch.equal(
+        gap, torch.cat([parts[0], parts[2]])
+    )
 
 
 def test_decode_workers_do_not_change_the_store(small_dir, tmp_path):
