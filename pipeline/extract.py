@@ -266,10 +266,9 @@ class ShardWriter:
         samples between them stay fill values)."""
         for path, values in outputs.items():
             self.put(path, rows, values)
+        lo, hi = rows[0], rows[-1] + 1
         for path, staged in self.staged.items():
-            staged[self.start + rows[0] : self.start + rows[-1] + 1] = self.buffers[path][
-                rows[0] : rows[-1] + 1
-            ]
+            staged[self.start + lo : self.start + hi] = self.buffers[path][lo:hi]
 
     def flush(self) -> None:
         """Store each array's shard object whole (one PUT each); a shard with no data deletes
