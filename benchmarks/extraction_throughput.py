@@ -47,9 +47,10 @@ from pipeline.config import validate_config
 from pipeline.decode import ImageLimits
 from pipeline.demo import IMAGE_SUFFIXES, TRUNCATED, build_demo_images
 from pipeline.encoders import load_encoders, resolve_views
-from pipeline.extract import extract_shards, prepare, shard_batches, to_storage
+from pipeline.extract import extract_shards, prepare, shard_batches
 from pipeline.memory import retain_freed_memory
 from pipeline.plan import plan_store
+from pipeline.shard_writer import to_storage
 from pipeline.sources import list_source, read_items
 from storage_specs.layout import open_root, write_shard
 

@@ -4,9 +4,9 @@ One job extracts a contiguous run of shards (`shard_batches`): its models load a
 workers start once.  Images are read and decoded once, in DataLoader worker processes that overlap
 with the forward passes; each encoder of the group (backbones, targets) prepares its inputs for
 every view of the sample there.  A writer thread rounds each batch's rows to the storage dtype
-and compresses them as soon as the forward has made them (zarr's own codecs, into an in-memory
-copy of the array) and, once a shard is whole, stores each array's shard as one object (zarr's
-write unit), then the shard's commit record: a shard is either committed and complete, or absent
+and compresses them as soon as the forward has made them (`pipeline.shard_writer`) and, once a
+shard is whole, stores each array's shard as one object (zarr's write unit), then the shard's
+commit record: a shard is either committed and complete, or absent
 and redone whole by the next run.  The job keeps the memory it frees (`pipeline.memory`).
 """
 
@@ -24,27 +24,21 @@ import zarr
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
-from zarr.storage import MemoryStore
 
 from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits, SkipSample, decode_image, decode_jpegs, jpeg_size
 from pipeline.encoders import Encoder, load_encoders
 from pipeline.memory import retain_freed_memory
+from pipeline.shard_writer import ShardWriter
 from pipeline.sources import read_items
 from pipeline.views import ViewSpec, draw_views
 from storage_specs.layout import (
-    STORAGE_DTYPES,
     StoreError,
-    is_lossy,
     open_root,
     read_commit,
-    shard_key,
     shard_range,
     stored_arrays,
     write_commit,
-    write_reference,
 )
 
 Prepare = Callable[[Image.Image, np.ndarray], torch.Tensor]  # (image, views) -> [K, ...]
@@ -201,14 +195,6 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def to_storage(values: torch.Tensor, dtype: str) -> np.ndarray:
-    """Round to the store's precision (see STORAGE_DTYPES for bf16)."""
-    if dtype == "bf16":
-        values = values.to(torch.bfloat16)
-    return values.float().cpu().numpy().astype(STORAGE_DTYPES[dtype])
-
-
-REFERENCE_ROWS = 4  # exact samples kept beside each lossy array (by the job of shard 0)
 SHARDS_PER_JOB = 8  # at most, per extraction job (Snakemake rule extract_shard, run_all)
 
 
@@ -218,70 +204,6 @@ def shard_batches(n_shards: int) -> list[tuple[int, int]]:
     jobs = -(-n_shards // SHARDS_PER_JOB)
     bounds = [job * n_shards // jobs for job in range(jobs + 1)]
     return [(first, stop - 1) for first, stop in pairwise(bounds)]
-
-
-def staging_array(arr: zarr.Array) -> zarr.Array:
-    """An empty in-memory array with `arr`'s metadata at `arr`'s path: writing rows into it runs
-    the store's codecs on just those chunks, and its shard objects are the bytes a write of the
-    whole shard into `arr` would store."""
-    store = MemoryStore()
-    metadata = arr.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]
-    sync(store.set(f"{arr.path}/zarr.json", metadata))
-    return zarr.open_array(store, path=arr.path, mode="r+", zarr_format=3)
-
-
-class ShardWriter:
-    """One shard of every array of the group: rows are rounded and compressed batch by batch
-    (`add`, in the writer thread) and stored as one object per array (`flush`).
-
-    For lossy arrays, the job of shard 0 also keeps the exact values of its first few samples
-    (`reference/...`), so the validator can measure the error that was really committed.
-    """
-
-    def __init__(self, root, arrays: dict[str, zarr.Array], shard: int, n_rows: int):
-        self.root, self.arrays, self.shard = root, arrays, shard
-        self.start = shard_range(shard, root.attrs["shard_size"], root.attrs["n_samples"])[0]
-        self.buffers = {p: np.zeros((n_rows, *a.shape[1:]), a.dtype) for p, a in arrays.items()}
-        self.staged = {path: staging_array(arr) for path, arr in arrays.items()}
-        lossy = [path for path, arr in arrays.items() if is_lossy(arr)] if shard == 0 else []
-        self.references: dict[str, list] = {path: [] for path in lossy}
-
-    def put(self, path: str, rows: list[int], values: torch.Tensor) -> None:
-        dtype = self.arrays[path].attrs["dtype"]
-        stored = to_storage(values, dtype)
-        if not np.isfinite(stored).all():
-            peak = values.abs().max().item()
-            raise StoreError(
-                f"{path}: values are not finite at {dtype} (max |x| = {peak:.3g}); "
-                "use dtype fp32 or bf16"
-            )
-        self.buffers[path][rows] = stored
-        if path in self.references:
-            kept = self.references[path]
-            kept += list(zip(rows, values.float().cpu().numpy(), strict=True))
-            del kept[REFERENCE_ROWS:]
-
-    def add(self, rows: list[int], outputs: dict[str, torch.Tensor]) -> None:
-        """Round and compress a batch's consecutive rows (in the writer thread; rows of skipped
-        samples between them stay fill values)."""
-        for path, values in outputs.items():
-            self.put(path, rows, values)
-        lo, hi = rows[0], rows[-1] + 1
-        for path, staged in self.staged.items():
-            staged[self.start + lo : self.start + hi] = self.buffers[path][lo:hi]
-
-    def flush(self) -> None:
-        """Store each array's shard object whole (one PUT each); a shard with no data deletes
-        what an interrupted job may have left there."""
-        for path, staged in self.staged.items():
-            key = shard_key(staged, self.shard)
-            data = sync(staged.store_path.store.get(key, default_buffer_prototype()))
-            store = self.arrays[path].store_path.store
-            sync(store.delete(key) if data is None else store.set(key, data))
-        for path, kept in self.references.items():
-            if kept:
-                rows = [int(row) for row, _ in kept]
-                write_reference(self.root, path, rows, np.stack([v for _, v in kept]))
 
 
 def group_arrays(root: zarr.Group, group: str) -> dict[str, zarr.Array]:

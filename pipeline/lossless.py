@@ -20,7 +20,8 @@ import zarr
 from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits
 from pipeline.encoders import Encoder
-from pipeline.extract import autocast_for, encode_batch, prepare, to_storage
+from pipeline.extract import autocast_for, encode_batch, prepare
+from pipeline.shard_writer import to_storage
 from pipeline.sources import SourceItem, read_items
 from pipeline.views import ViewSpec
 from storage_specs.codecs import choose_lossless, needs_choice

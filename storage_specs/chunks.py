@@ -7,8 +7,8 @@ byte range (local files synchronously with `os.pread`; object stores concurrentl
 store), then checks each chunk's crc32c and decodes it straight into the batch.  Decoding is
 shared by the caller and helper threads (the codecs release the GIL), part by part, so a helper
 that gets no core (a busy machine, DataLoader workers on every core) costs nothing but its wake-up.
-The decoders are numcodecs', chosen by the array's codec metadata; chains without one (e.g. the
-quantize serializer) fall back to zarr's per-chunk reads.
+The decoders are numcodecs', chosen by the array's codec metadata (`storage_specs.shard_codec`);
+chains without one (e.g. the quantize serializer) fall back to zarr's per-chunk reads.
 """
 
 from __future__ import annotations
@@ -17,14 +17,10 @@ import asyncio
 import functools
 import itertools
 import os
-import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
-import numcodecs
-import numcodecs.blosc
-import numcodecs.zstd
 import numpy as np
 import zarr
 from zarr.abc.store import RangeByteRequest, SuffixByteRequest
@@ -33,18 +29,12 @@ from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from storage_specs.layout import shard_key
+from storage_specs.shard_codec import EMPTY, ChunkCodecs
 
-EMPTY = np.uint64(2**64 - 1)  # the sharding index's marker of a chunk that was never written
 MAX_GAP = 1 << 20  # bytes of unwanted data worth reading to save an object store request
 LOCAL_GAP = 0  # locally a read costs less than copying unwanted bytes: only touching chunks merge
 THREADS = min(8, len(os.sched_getaffinity(0)))  # default decoding threads, the caller's included
 PER_PART = 8  # chunks decoded per turn: the threads take turns until none is left
-# `decode(source, dest=None)` of byte codecs that read every setting they need from the frame.
-DECODERS = {"blosc": numcodecs.blosc.decompress, "zstd": numcodecs.zstd.decompress,
-            "gzip": numcodecs.GZip().decode}  # fmt: skip
-Decoder = Callable[..., object]
-
-INDEX_CODECS = [("bytes", "little"), ("crc32c", None)]  # the sharding index this reader parses
 Range = tuple[int, int, int | None]  # shard, start, stop (stop None: the last -start bytes)
 
 
@@ -52,17 +42,6 @@ Range = tuple[int, int, int | None]  # shard, start, stop (stop None: the last -
 def _pool(pid: int) -> ThreadPoolExecutor:
     """This process's decoding threads (a forked DataLoader worker starts its own)."""
     return ThreadPoolExecutor(max(THREADS - 1, 1), thread_name_prefix="featinv-decode")
-
-
-def _decoder(codec: dict) -> Decoder | None:
-    """numcodecs' `decode(source, dest=None)` of one zarr v3 codec entry, None if there is none."""
-    name, config = codec["name"], codec.get("configuration", {})
-    if name.startswith("numcodecs."):  # zarr's numcodecs wrappers carry numcodecs' own config
-        try:
-            return numcodecs.get_codec({"id": name.removeprefix("numcodecs."), **config}).decode
-        except (ValueError, TypeError):
-            return None
-    return DECODERS.get(name)
 
 
 class ChunkReader:
@@ -79,38 +58,12 @@ class ChunkReader:
         # Offset and size of every chunk, filled shard by shard (untouched pages of zeros are free).
         self.table = np.zeros((n_shards, *arr.shards[:2], 2), np.uint64)
         self.loaded = np.zeros(n_shards, bool)
-        chain = self._chain(arr.metadata.to_dict()["codecs"])
-        self.fast = chain is not None and arr.chunks[:2] == (1, 1)  # not prefix tokens' layout
-        self.filters, self.compressors, self.crc = chain or ([], [], False)
+        self.codecs = ChunkCodecs.of(arr)
+        self.fast = self.codecs is not None and arr.chunks[:2] == (1, 1)  # not prefix tokens'
         # Local files are read directly: zarr's store API costs an event-loop round trip per call,
         # more than reading the bytes (RESULTS.md, section 3).
         self.local_root = str(self.store.root) if isinstance(self.store, LocalStore) else None
         self.max_gap = MAX_GAP if self.local_root is None else LOCAL_GAP
-
-    @staticmethod
-    def _chain(codecs: list) -> tuple[list[Decoder], list[Decoder], bool] | None:
-        """(filters, compressors, crc32c at the end) if this reader decodes the chain itself:
-        sharding with a checked index at the end, over numcodecs filters, bytes in native order,
-        numcodecs compressors and (as SPEC.md requires) crc32c; None for zarr to decode."""
-        if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
-            return None
-        config = codecs[0]["configuration"]
-        index = [
-            (c["name"], c.get("configuration", {}).get("endian")) for c in config["index_codecs"]
-        ]
-        if config.get("index_location", "end") != "end" or index != INDEX_CODECS:
-            return None
-        inner = config["codecs"]
-        crc = inner[-1]["name"] == "crc32c"
-        inner = inner[:-1] if crc else inner
-        names = [c["name"] for c in inner]
-        if names.count("bytes") != 1:
-            return None
-        at = names.index("bytes")
-        if inner[at].get("configuration", {}).get("endian", sys.byteorder) != sys.byteorder:
-            return None
-        decoders = [_decoder(c) for i, c in enumerate(inner) if i != at]
-        return None if None in decoders else (decoders[:at], decoders[at:], crc)
 
     async def _get(self, shard: int, start: int, stop: int | None) -> bytes:
         """Bytes of one range of a shard object through the store (b"": no such object)."""
@@ -203,25 +156,8 @@ class ChunkReader:
             out[pos] = blobs[r][lo:hi]
         return out
 
-    def _payload(self, raw: memoryview, pair: np.ndarray) -> memoryview:
-        """The chunk's encoded bytes, once its crc32c matches."""
-        if not self.crc:
-            return raw
-        if crc32c.crc32c(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
-            raise OSError(f"{self.arr.path} row {pair[0]} view {pair[1]}: chunk checksum mismatch")
-        return raw[:-4]
-
-    def _decode(self, raw: memoryview, pair: np.ndarray, dest: np.ndarray) -> None:
-        """Check and decode one chunk into `dest`, its place in the batch."""
-        data = self._payload(raw, pair)
-        for decode in reversed(self.compressors[1:]):
-            data = decode(data)
-        if self.compressors:
-            self.compressors[0](data, dest)
-        else:
-            dest[...] = np.frombuffer(data, dest.dtype).reshape(dest.shape)
-        for decode in reversed(self.filters):
-            dest[...] = np.asarray(decode(dest)).view(dest.dtype).reshape(dest.shape)
+    def _where(self, pair: np.ndarray) -> str:
+        return f"{self.arr.path} row {pair[0]} view {pair[1]}"
 
     def _decode_all(
         self, chunks: list, pairs: np.ndarray, out: np.ndarray, which: np.ndarray
@@ -230,14 +166,14 @@ class ChunkReader:
             if chunks[pos] is None:
                 out[pos] = self.arr.fill_value  # a skipped row
             else:
-                self._decode(chunks[pos], pairs[pos], out[pos])
+                self.codecs.decode(chunks[pos], out[pos], self._where(pairs[pos]))
 
     def fetch(self, items: Sequence[tuple[int, int]]) -> list[bytes | None]:
         """Encoded payloads of the chunks, checked (what `read` decodes), e.g. to time the codec."""
         pairs = self._pairs(items)
         chunks = self._chunks(pairs)
         return [
-            None if c is None else bytes(self._payload(c, p))
+            None if c is None else bytes(self.codecs.payload(c, self._where(p)))
             for c, p in zip(chunks, pairs, strict=True)
         ]
 
