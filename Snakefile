@@ -227,7 +227,7 @@ def shard_markers(wildcards):
     return [
         f"{WORK}/shards/{group}/{first}-{last}.json"
         for group in plan["stages"][wildcards.stage]
-        for first, last in shard_batches(plan["n_shards"])
+        for first, last in shard_batches(plan["n_shards"], plan["shard_size"])
     ]
 
 

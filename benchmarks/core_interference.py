@@ -8,6 +8,10 @@ decodes and prepares the demo photos in a loop, as an extraction job's decode wo
 (``pipeline.extract.prepare``). Baseline: the same passes with core 1 idle. Alternating, in one
 process; prints the per-pair ratio alone / beside the decoder.
 
+The child is forked once and paused between pairs (an event): forking shares the parent's memory
+copy-on-write, so the parent's first pass after a fork faults in every page it writes (85,000
+pages, about 0.3 s per pass here), which a fork per pair would count as interference.
+
 Usage: ``.venv/bin/python benchmarks/core_interference.py [--pairs 6] [--passes 3] [--threads 1]``
 """
 
@@ -19,6 +23,7 @@ import os
 import statistics
 import tempfile
 import time
+from multiprocessing.synchronize import Event
 from pathlib import Path
 
 import torch
@@ -31,8 +36,8 @@ from pipeline.memory import retain_freed_memory
 from pipeline.views import ViewSpec
 
 
-def decode_forever(photos: list[Path], core: int) -> None:
-    """A decode worker's work on `core`, until killed."""
+def decode_forever(photos: list[Path], core: int, busy: Event) -> None:
+    """A decode worker's work on `core` while `busy` is set, until killed."""
     os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
     backbone = load_backbone(BackboneSpec("efficientnet_lite0", "random", ("blocks.3",)))
@@ -40,6 +45,7 @@ def decode_forever(photos: list[Path], core: int) -> None:
     files = [(p.name, p.read_bytes()) for p in photos]
     while True:
         for key, data in files:
+            busy.wait()
             prepare(data, key, {"b": backbone.prepare}, views, limits)
 
 
@@ -69,21 +75,24 @@ def main() -> None:
                     backbone.encode(x)
             return time.perf_counter() - start
 
-        seconds()  # warm-up
+        context = multiprocessing.get_context("fork")
+        busy = context.Event()
+        worker = context.Process(target=decode_forever, args=(photos, args.threads, busy),
+                                 daemon=True)  # fmt: skip
+        worker.start()
+        seconds()  # warm-up, and the copy-on-write faults of the fork
         print(f"{'pair':>4} {'alone s':>8} {'beside decoder s':>17} {'alone/beside':>13}")
         ratios = []
         for pair in range(args.pairs):
             alone = seconds()
-            worker = multiprocessing.get_context("fork").Process(
-                target=decode_forever, args=(photos, args.threads), daemon=True
-            )
-            worker.start()
-            time.sleep(2.0)  # past its model build, decoding
+            busy.set()
+            time.sleep(1.0)  # past its model build (first pair), decoding
             beside = seconds()
-            worker.kill()
-            worker.join()
+            busy.clear()
+            time.sleep(0.1)  # its current photo is done
             ratios.append(alone / beside)
             print(f"{pair:>4} {alone:>8.2f} {beside:>17.2f} {alone / beside:>12.3f}x")
+    worker.kill()
     print(f"median alone / beside the decoder: {statistics.median(ratios):.3f}x")
 
 

@@ -149,7 +149,7 @@ def run_pair(config: dict, store: Path, bare: BareForward, flip: bool) -> Times:
     config = {**config, "store": str(store)}
     plan = plan_store(config)
     times = Times()
-    for first, last in shard_batches(plan["n_shards"]):
+    for first, last in shard_batches(plan["n_shards"], plan["shard_size"]):
         shards = range(first, last + 1)
 
         def stage(shards: range = shards) -> None:
@@ -169,7 +169,7 @@ def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
         return min(timed(fn) for _ in range(repeats))
 
     shards = range(-(-len(bare.items) // config["shard_size"]))
-    jobs = len(shard_batches(len(shards)))
+    jobs = len(shard_batches(len(shards), config["shard_size"]))
     pieces = {
         f"load encoders x {jobs} jobs": jobs * best(lambda: load_encoders(config)),
         "read + decode + view + normalise (1 process)": best(bare.prepare_all),

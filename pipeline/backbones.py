@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 from timm.data import resolve_data_config
@@ -48,6 +49,35 @@ class BackboneSpec:
         )
 
 
+@dataclass(frozen=True)
+class BackboneInputs:
+    """A backbone's step in the decode workers: its inputs of an image's views."""
+
+    input_hw: tuple[int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, data_config: dict) -> BackboneInputs:
+        return cls(tuple(data_config["input_size"][1:]), data_config["interpolation"],
+                   tuple(data_config["mean"]), tuple(data_config["std"]))  # fmt: skip
+
+    def __call__(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
+        """`[K, 3, H, W]` normalised inputs (of a PIL image, or of a decoded uint8 tensor on its
+        device); view 0 equals timm's eval transform exactly."""
+        pixels = render_views(image, views, self.input_hw, self.interpolation)
+        return normalize(pixels.float() / 255, self.mean, self.std)  # as to_tensor does
+
+
+def data_config_of(spec: BackboneSpec) -> dict:
+    """The backbone's resolved data config without building its weights: timm derives it from the
+    architecture (a meta-device model), never from the weights."""
+    with torch.device("meta"):
+        model = timm.create_model(spec.name, pretrained=False)
+    return resolve_preprocessing(model, spec.preprocessing)
+
+
 @dataclass
 class Backbone:
     """A backbone as an encoder of views: prepare (in decode workers), encode (in the job)."""
@@ -73,12 +103,9 @@ class Backbone:
         """The resolved timm data config, JSON-able, as recorded in the store."""
         return {k: _jsonable(self.data_config[k]) for k in PREPROCESSING_KEYS}
 
-    def prepare(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
-        """`[K, 3, H, W]` normalised inputs (of a PIL image, or of a decoded uint8 tensor on its
-        device); view 0 equals timm's eval transform exactly."""
-        cfg = self.data_config
-        pixels = render_views(image, views, self.input_hw, cfg["interpolation"])
-        return normalize(pixels.float() / 255, cfg["mean"], cfg["std"])  # as to_tensor does
+    @property
+    def prepare(self) -> BackboneInputs:
+        return BackboneInputs.of(self.data_config)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device

@@ -7,10 +7,14 @@ does not care which is which, and one decode serves all encoders of a group.
 
 from __future__ import annotations
 
-import torch
-
-from pipeline.backbones import Backbone, BackboneSpec, load_backbone, resolve_preprocessing
-from pipeline.targets import PixelsTarget, VaeTarget, load_target
+from pipeline.backbones import (
+    Backbone,
+    BackboneInputs,
+    BackboneSpec,
+    data_config_of,
+    load_backbone,
+)
+from pipeline.targets import PixelsTarget, TargetInputs, VaeTarget, load_target, target_inputs
 from pipeline.views import ViewSpec
 
 Encoder = Backbone | PixelsTarget | VaeTarget
@@ -31,15 +35,22 @@ def load_encoders(config: dict, group: str | None = None, device: str = "cpu") -
     return encoders
 
 
+def load_prepares(config: dict, group: str) -> dict[str, BackboneInputs | TargetInputs]:
+    """Each encoder's `prepare` by name, as `load_encoders` would give them, without loading a
+    weight: a job's decode workers start on these while its models load."""
+    prepares = {
+        entry["name"]: BackboneInputs.of(data_config_of(BackboneSpec.from_config(entry)))
+        for entry in config["backbones"]
+        if entry["group"] == group
+    }
+    targets = [entry for entry in config["targets"] if entry["group"] == group]
+    return prepares | {entry["name"]: target_inputs(entry) for entry in targets}
+
+
 def resolve_views(config: dict) -> ViewSpec:
     """The config's `views`, with view 0 defaulting to the first backbone's timm eval crop."""
-    import timm
-
     views = dict(config["views"])
-    first = config["backbones"][0]
-    with torch.device("meta"):
-        model = timm.create_model(first["name"], pretrained=False)
-    data_config = resolve_preprocessing(model, first.get("preprocessing") or {})
+    data_config = data_config_of(BackboneSpec.from_config(config["backbones"][0]))
     if views.get("eval_crop_pct") is None:
         views["eval_crop_pct"] = data_config["crop_pct"]
     if views.get("eval_crop_mode") is None:

@@ -1,13 +1,14 @@
 """Extract shards of one group: decode -> views -> prepare -> encode -> write -> commit.
 
-One job extracts a contiguous run of shards (`shard_batches`): its models load and its decode
-workers start once.  Images are read and decoded once, in DataLoader worker processes that overlap
-with the forward passes; each encoder of the group (backbones, targets) prepares its inputs for
-every view of the sample there.  A writer thread rounds each batch's rows to the storage dtype
-and compresses them as soon as the forward has made them (`pipeline.shard_writer`) and, once a
-shard is whole, stores each array's shard as one object (zarr's write unit), then the shard's
-commit record: a shard is either committed and complete, or absent
-and redone whole by the next run.  The job keeps the memory it frees (`pipeline.memory`).
+One job extracts a contiguous run of shards (`shard_batches`): its decode workers start once, on
+the encoders' preprocessing (which needs no weights), and its models load meanwhile.  Images are
+read and decoded once, in DataLoader worker processes that overlap with the forward passes; each
+encoder of the group (backbones, targets) prepares its inputs for every view of the sample there.
+A writer thread rounds each batch's rows to the storage dtype and compresses them as soon as the
+forward has made them (`pipeline.shard_writer`) and, once a shard is whole, stores each array's
+shard as one object (zarr's write unit), then the shard's commit record: a shard is either
+committed and complete, or absent and redone whole by the next run.  The job keeps the memory it
+frees (`pipeline.memory`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from tqdm import tqdm
 
 from pipeline.config import with_credentials
 from pipeline.decode import ImageLimits, SkipSample, decode_image, decode_jpegs, jpeg_size
-from pipeline.encoders import Encoder, load_encoders
+from pipeline.encoders import Encoder, load_encoders, load_prepares
 from pipeline.memory import retain_freed_memory
 from pipeline.shard_writer import ShardWriter
 from pipeline.sources import read_items
@@ -195,13 +196,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-SHARDS_PER_JOB = 8  # at most, per extraction job (Snakemake rule extract_shard, run_all)
+JOB_SAMPLES = 2048  # per extraction job, about (Snakemake rule extract_shard, run_all)
 
 
-def shard_batches(n_shards: int) -> list[tuple[int, int]]:
+def shard_batches(n_shards: int, shard_size: int) -> list[tuple[int, int]]:
     """The shards of a group as contiguous (first, last) runs, one job each: as few jobs as
-    SHARDS_PER_JOB allows, of near-equal sizes; the same for a given store on every run."""
-    jobs = -(-n_shards // SHARDS_PER_JOB)
+    JOB_SAMPLES per job allows (at least a shard each), of near-equal sizes; the same for a
+    given store on every run.  A job's own costs (process and model start, decode workers, the
+    first pass over fresh memory: about half a second here) vanish in a job of this size,
+    whatever the shard size; each shard still commits on its own."""
+    per_job = max(1, JOB_SAMPLES // shard_size)
+    jobs = -(-n_shards // per_job)
     bounds = [job * n_shards // jobs for job in range(jobs + 1)]
     return [(first, stop - 1) for first, stop in pairwise(bounds)]
 
@@ -273,13 +278,12 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
     retain_freed_memory()  # every batch would fault its activations in afresh
     torch.set_num_threads(config["threads"])
     device = pick_device(config["device"])
-    encoders = load_encoders(config, group, str(device))
-    if not encoders:
+    prepares = load_prepares(config, group)
+    if not prepares:
         raise StoreError(f"no backbones or targets in group '{group}'")
-    views = ViewSpec.from_config(root.attrs["views"])
+    views, limits = ViewSpec.from_config(root.attrs["views"]), ImageLimits(**config["image_limits"])
     sources = np.concatenate([root["samples/source"][start:stop] for start, stop in ranges])
     keys = np.concatenate([root["samples/key"][start:stop] for start, stop in ranges])
-    prepares, limits = {e.name: e.prepare for e in encoders}, ImageLimits(**config["image_limits"])
     decoder = DeviceDecoder(device, prepares, views, limits) if decodes_on_device(device) else None
     dataset = ShardImages([with_credentials(u, config["source"]) for u in sources], keys.tolist(),
                           prepares, views, limits, defer_jpegs=decoder is not None,
@@ -291,7 +295,12 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
         num_workers=config["num_workers"],
         prefetch_factor=2 if config["num_workers"] else None,  # runs: two batches ahead
     )
-    runs = iter(loader)  # the decode workers start now, while the job sets up its first shard
+    runs = iter(loader)  # the decode workers start now, while the job loads its models
+    encoders = load_encoders(config, group, str(device))
+    changed = [e.name for e in encoders if e.prepare != prepares[e.name]]  # a guard: never yet
+    if changed:
+        raise StoreError(f"{', '.join(changed)}: preprocessing of the loaded weights differs from "
+                         "the architecture's, which the decode workers use")  # fmt: skip
     samples = (sample for run in runs for sample in unpack(run))
     bar = tqdm(total=len(keys), unit="img", disable=not progress, desc="extract")
     job = Job(encoders, config["batch_size"], views.count, autocast_for(config["autocast"], device),

@@ -46,9 +46,12 @@ def stale_reason(work: Path, url: str) -> str | None:
     attrs = root_attrs(url)
     if attrs is None:
         return f"store {url} is gone"
-    recorded = json.loads(plan.read_text()).get("store_id")  # None: markers older than store_id
+    planned = json.loads(plan.read_text())
+    recorded = planned.get("store_id")  # None: markers older than store_id
     if recorded is not None and recorded != attrs.get("store_id"):
         return f"store {url} was replaced by another one"
+    if "shard_size" not in planned:  # jobs were runs of 8 shards, now of about JOB_SAMPLES samples
+        return f"the markers of store {url} come from an older featinv"
     return None
 
 

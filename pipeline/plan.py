@@ -39,7 +39,8 @@ def plan_store(config: dict) -> dict:
         "store": public_config(config)["store"],
         "store_id": root.attrs.get("store_id"),  # markers of another store at the URL are stale
         "n_samples": len(items),
-        "n_shards": n_shards(len(items), config["shard_size"]),
+        "n_shards": n_shards(len(items), root.attrs["shard_size"]),
+        "shard_size": root.attrs["shard_size"],
         "groups": groups_of(config),
         "stages": {stage: stage_groups(config, stage) for stage in ("features", "latents")},
         "ignored": listing.ignored,

@@ -21,6 +21,25 @@ from pipeline.views import render_views
 from storage_specs.layout import ArraySpec
 
 
+@dataclass(frozen=True)
+class TargetInputs:
+    """A target's step in the decode workers: its views resampled to `size`, as uint8 (pixels)
+    or scaled to [-1, 1] (`vae`: the range Stable Diffusion's VAE was trained on)."""
+
+    size: int
+    interpolation: str
+    vae: bool
+
+    def __call__(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
+        pixels = render_views(image, views, (self.size, self.size), self.interpolation)
+        return pixels.float() / 127.5 - 1.0 if self.vae else pixels
+
+
+def target_inputs(entry: dict) -> TargetInputs:
+    """The target's `prepare`, without loading a model."""
+    return TargetInputs(entry["size"], entry["interpolation"], entry["kind"] == "vae")
+
+
 @dataclass
 class PixelsTarget:
     name: str
@@ -28,8 +47,9 @@ class PixelsTarget:
     size: int
     interpolation: str
 
-    def prepare(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
-        return render_views(image, views, (self.size, self.size), self.interpolation)
+    @property
+    def prepare(self) -> TargetInputs:
+        return TargetInputs(self.size, self.interpolation, vae=False)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {f"pixels/{self.name}/rgb": x}
@@ -51,10 +71,9 @@ class VaeTarget:
     vae: torch.nn.Module
     sha256: str | None
 
-    def prepare(self, image: Image.Image | torch.Tensor, views: np.ndarray) -> torch.Tensor:
-        """Views scaled to [-1, 1], the range Stable Diffusion's VAE was trained on."""
-        pixels = render_views(image, views, (self.size, self.size), self.interpolation)
-        return pixels.float() / 127.5 - 1.0
+    @property
+    def prepare(self) -> TargetInputs:
+        return TargetInputs(self.size, self.interpolation, vae=True)
 
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         device = next(self.vae.parameters()).device

@@ -4,12 +4,14 @@ replaced by another one is rebuilt by the same command."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
 import s3fs
 import zarr
 
+from pipeline.markers import stale_reason
 from pipeline.plan import plan_store
 from storage_specs.validate import validate_store
 from tests.conftest import make_config, snakemake, write_config
@@ -89,3 +91,19 @@ def test_gone_or_replaced_store_is_rebuilt(small_dir, tmp_path, store):
     out = _run(tmp_path)
     assert "Nothing to be done" in out and "featinv: store" not in out
     assert "bytes on disk" not in out  # nothing finished: no summary
+
+
+def test_markers_of_an_older_featinv_are_stale(small_dir, tmp_path):
+    """Jobs were runs of 8 shards before they were sized in samples: a plan marker without
+    `shard_size` names other jobs than this version runs, so the markers go."""
+    config = make_config(tmp_path, small_dir, **CONFIG)
+    plan = plan_store(config)
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "plan.json").write_text(json.dumps(plan))
+    assert stale_reason(work, config["store"]) is None
+    del plan["shard_size"]
+    (work / "plan.json").write_text(json.dumps(plan))
+    assert stale_reason(work, config["store"]) == (
+        f"the markers of store {config['store']} come from an older featinv"
+    )

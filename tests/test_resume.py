@@ -13,7 +13,15 @@ import pytest
 import torch
 
 from pipeline.config import validate_config
-from pipeline.extract import extract_shard, extract_shards, joined, pack, unpack
+from pipeline.extract import (
+    JOB_SAMPLES,
+    extract_shard,
+    extract_shards,
+    joined,
+    pack,
+    shard_batches,
+    unpack,
+)
 from pipeline.finalize import finalize_store
 from pipeline.plan import plan_store
 from storage_specs.layout import StoreError
@@ -129,6 +137,17 @@ def test_values_beyond_the_storage_dtype_fail_the_job_in_one_line(small_dir, tmp
     with pytest.raises(StoreError, match=message):
         extract_shards(config, "main", [0, 1], progress=False)
     assert _commits(Path(config["store"])) == 0
+
+
+@pytest.mark.parametrize("shard_size", [1, 32, 100, 256, 5000])
+@pytest.mark.parametrize("n_shards", [1, 7, 64, 65, 1000])
+def test_jobs_are_sized_in_samples_whatever_the_shard_size(n_shards, shard_size):
+    jobs = shard_batches(n_shards, shard_size)
+    assert [first for first, _ in jobs] == [0] + [last + 1 for _, last in jobs[:-1]]
+    assert jobs[-1][1] == n_shards - 1
+    sizes = [(last - first + 1) * shard_size for first, last in jobs]
+    assert max(sizes) <= max(JOB_SAMPLES, shard_size)
+    assert len(jobs) == 1 or min(sizes) > JOB_SAMPLES // 2 - shard_size  # near-equal, none tiny
 
 
 def test_a_batch_of_one_runs_samples_is_that_run_without_a_copy():
