@@ -21,7 +21,6 @@ from storage_specs.layout import (
     StoreError,
     is_lossy,
     shard_key,
-    shard_range,
     write_reference,
 )
 from storage_specs.shard_codec import ChunkCodecs, shard_object
@@ -109,7 +108,6 @@ class ShardWriter:
 
     def __init__(self, root, arrays: dict[str, zarr.Array], shard: int, n_rows: int):
         self.root, self.arrays, self.shard = root, arrays, shard
-        self.start = shard_range(shard, root.attrs["shard_size"], root.attrs["n_samples"])[0]
         self.buffers = {p: np.zeros((n_rows, *a.shape[1:]), a.dtype) for p, a in arrays.items()}
         self.shards = {path: array_shard(arr, shard) for path, arr in arrays.items()}
         lossy = [path for path, arr in arrays.items() if is_lossy(arr)] if shard == 0 else []
