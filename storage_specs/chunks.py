@@ -59,7 +59,8 @@ class ChunkReader:
         self.table = np.zeros((n_shards, *arr.shards[:2], 2), np.uint64)
         self.loaded = np.zeros(n_shards, bool)
         self.codecs = ChunkCodecs.of(arr)
-        self.fast = self.codecs is not None and arr.chunks[:2] == (1, 1)  # not prefix tokens'
+        # A chunk per sample-view (prefix tokens keep one chunk per shard: zarr reads those).
+        self.fast = self.codecs is not None and arr.chunks[:2] == (1, 1)
         # Local files are read directly: zarr's store API costs an event-loop round trip per call,
         # more than reading the bytes (RESULTS.md, section 3).
         self.local_root = str(self.store.root) if isinstance(self.store, LocalStore) else None
