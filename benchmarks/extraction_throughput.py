@@ -65,13 +65,18 @@ DEFAULT_BACKBONES = [
 ]
 
 
-def make_images(tmp: Path, n: int) -> Path:
-    """`n` image files copied round-robin from the demo's decodable photos, in class folders."""
-    demo = tmp / "demo"
-    build_demo_images(str(demo))
+def make_images(tmp: Path, n: int, photos_dir: str | None = None) -> Path:
+    """`n` image files copied round-robin, in class folders, from the demo's decodable photos or
+    from the files of `photos_dir` (say, JPEGs as most collections hold)."""
+    if photos_dir is None:
+        photos_dir = str(tmp / "demo")
+        build_demo_images(photos_dir)
     photos = sorted(
-        p for p in demo.glob("*/*") if p.suffix in IMAGE_SUFFIXES and p.name != TRUNCATED[1]
-    )
+        p for p in Path(photos_dir).glob("*/*")
+        if p.suffix.lower() in (*IMAGE_SUFFIXES, ".jpeg") and p.name != TRUNCATED[1]
+    )  # fmt: skip
+    if not photos:
+        raise SystemExit(f"--photos {photos_dir}: no .jpg/.jpeg/.png files in class sub-folders")
     out = tmp / "images"
     for i in range(n):
         src = photos[i % len(photos)]
@@ -88,7 +93,8 @@ class BareForward:
         self.encoders = load_encoders(config, device=config["device"])
         self.views = resolve_views(config)
         samples = self.prepare_all()
-        self.inputs = {e.name: torch.cat([s[e.name] for s in samples]) for e in self.encoders}
+        inputs = {e.name: torch.cat([s[e.name] for s in samples]) for e in self.encoders}
+        self.inputs = {name: x.to(config["device"]) for name, x in inputs.items()}  # forward only
 
     def prepare_all(self) -> list[dict]:
         """The stage's read + decode + views + normalise (``pipeline.extract.prepare``)."""
@@ -242,6 +248,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--photos", help="copy these (class sub-folders) instead of the demo's")
+    parser.add_argument(
+        "--jpeg-decode", choices=["workers", "device"], default="workers",
+        help="config jpeg_decode: PIL in the decode workers, or nvJPEG on a GPU",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the images/s per repeat to this file")
     parser.add_argument(
         "--breakdown", action="store_true", help="also time each piece of the stage alone"
@@ -251,7 +262,7 @@ def main() -> None:
     single = {"name": args.backbone, "weights": args.weights, "layers": args.layers}
     with tempfile.TemporaryDirectory(prefix="featinv-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
-        images = make_images(tmp, args.images)
+        images = make_images(tmp, args.images, args.photos)
         config = validate_config(
             {
                 "source": str(images),
@@ -263,12 +274,15 @@ def main() -> None:
                 "num_workers": args.num_workers,
                 "threads": args.threads,
                 "device": args.device,
+                "jpeg_decode": args.jpeg_decode,
             }
         )
         bare = BareForward(config, images)
         names = " + ".join(entry["name"] for entry in config["backbones"])
         print(f"{names}: {args.images} images, batch {args.batch_size}, shard {args.shard_size},")
-        print(f"  threads {args.threads}, num_workers {args.num_workers}, device {args.device}")
+        decode = "workers" if args.device == "cpu" else args.jpeg_decode
+        print(f"  threads {args.threads}, num_workers {args.num_workers}, device {args.device},"
+              f" JPEGs decoded in {decode}")  # fmt: skip
         run_pair(config, tmp / "warmup.zarr", bare, False)  # warm-up: files, allocator, caches
         print(f"{'repeat':>6} {'stage img/s':>12} {'bare img/s':>11} {'stage/bare':>11}"
               f" {'stage cores':>12} {'bare cores':>11}")  # fmt: skip

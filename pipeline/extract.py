@@ -148,9 +148,10 @@ def unpack(run: dict) -> Iterator[dict]:
         yield {**sample, "inputs": None if i is None else {k: p[i] for k, p in parts.items()}}
 
 
-def decodes_on_device(device: torch.device) -> bool:
-    """JPEGs are decoded on a GPU (nvJPEG) with their batch; elsewhere in the decode workers."""
-    return device.type == "cuda"
+def decodes_on_device(config: dict, device: torch.device) -> bool:
+    """JPEGs decoded on the job's GPU (nvJPEG) with their batch, if the config asks; else in the
+    decode workers (PIL: the same pixels everywhere; on one H200 with 6 workers also faster)."""
+    return config["jpeg_decode"] == "device" and device.type == "cuda"
 
 
 @dataclass
@@ -284,7 +285,11 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
     views, limits = ViewSpec.from_config(root.attrs["views"]), ImageLimits(**config["image_limits"])
     sources = np.concatenate([root["samples/source"][start:stop] for start, stop in ranges])
     keys = np.concatenate([root["samples/key"][start:stop] for start, stop in ranges])
-    decoder = DeviceDecoder(device, prepares, views, limits) if decodes_on_device(device) else None
+    decoder = (
+        DeviceDecoder(device, prepares, views, limits)
+        if decodes_on_device(config, device)
+        else None
+    )
     dataset = ShardImages([with_credentials(u, config["source"]) for u in sources], keys.tolist(),
                           prepares, views, limits, defer_jpegs=decoder is not None,
                           run=config["batch_size"])  # fmt: skip
@@ -306,7 +311,7 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
     job = Job(encoders, config["batch_size"], views.count, autocast_for(config["autocast"], device),
               bar, decoder)  # fmt: skip
     records, committing, offset = {}, None, 0
-    with ThreadPoolExecutor(1, thread_name_prefix="featinv-writer") as thread:
+    with ThreadPoolExecutor(writer_threads(config, device), "featinv-writer") as thread:
         for shard, (start, stop) in zip(shards, ranges, strict=True):
             writer = ShardWriter(root, arrays, shard, stop - start)
             encoded, meta = job.run_shard(islice(samples, stop - start), offset, writer, thread)
@@ -329,6 +334,12 @@ def _extract(config: dict, root, group: str, shards: list[int], progress: bool) 
         print(f"featinv: {decoder.decoded} JPEGs decoded on {device}, {decoder.fallbacks} by PIL "
               "after the device could not", file=sys.stderr)  # fmt: skip
     return records
+
+
+def writer_threads(config: dict, device: torch.device) -> int:
+    """Threads that compress the forward's outputs: one beside a forward on the CPU, which needs
+    the cores; the job's `threads` beside a GPU, whose forward outruns one thread's zstd."""
+    return config["threads"] if device.type == "cuda" else 1
 
 
 def _commit(writer: ShardWriter, encoded: list[Future], record: dict) -> None:

@@ -1,13 +1,16 @@
-"""One shard of every array of a group, built in memory batch by batch and stored whole.
+"""One shard of every array of the group, built in memory batch by batch and stored whole.
 
-The extraction job's writer thread calls `ShardWriter.add` with each batch's outputs while the
-forward runs the next batch: the values are rounded to the storage dtype, checked, and each
-sample-view's chunk is compressed at once (`storage_specs.shard_codec`: numcodecs calls that
-release the GIL, not zarr's per-chunk event-loop work, which would hold it between the forward's
-ops).  `flush` stores each array's shard as one object, zarr's own bytes.
+The extraction job's writer threads (one on a CPU, several beside a GPU) call `ShardWriter.add`
+with each batch's outputs, distinct rows each, while the forward runs the next batch: the values
+are rounded to the storage dtype, checked, and each sample-view's chunk is compressed at once
+(`storage_specs.shard_codec`: numcodecs calls that release the GIL, not zarr's per-chunk
+event-loop work, which would hold it between the forward's ops).  `flush` stores each array's
+shard as one object, zarr's own bytes.
 """
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -76,9 +79,11 @@ class StagedShard:
         sync(store.set(f"{arr.path}/zarr.json", metadata))
         self.staged = zarr.open_array(store, path=arr.path, mode="r+", zarr_format=3)
         self.shard, self.start = shard, shard * arr.shards[0]
+        self.lock = threading.Lock()  # batches may share a chunk (prefix tokens: one per shard)
 
     def add(self, rows: np.ndarray, first: int) -> None:
-        self.staged[self.start + first : self.start + first + len(rows)] = rows
+        with self.lock:
+            self.staged[self.start + first : self.start + first + len(rows)] = rows
 
     def stored(self) -> bytes | None:
         key = shard_key(self.staged, self.shard)
@@ -100,7 +105,8 @@ def array_shard(arr: zarr.Array, shard: int) -> EncodedShard | StagedShard:
 
 class ShardWriter:
     """One shard of every array of the group: rows are rounded and compressed batch by batch
-    (`add`, in the writer thread) and stored as one object per array (`flush`).
+    (`add`, in the writer threads, any number at once) and stored as one object per array
+    (`flush`).
 
     For lossy arrays, the job of shard 0 also keeps the exact values of its first few samples
     (`reference/...`), so the validator can measure the error that was really committed.
@@ -112,6 +118,7 @@ class ShardWriter:
         self.shards = {path: array_shard(arr, shard) for path, arr in arrays.items()}
         lossy = [path for path, arr in arrays.items() if is_lossy(arr)] if shard == 0 else []
         self.references: dict[str, list] = {path: [] for path in lossy}
+        self.lock = threading.Lock()
 
     def put(self, path: str, rows: list[int], values: torch.Tensor) -> None:
         dtype = self.arrays[path].attrs["dtype"]
@@ -123,13 +130,14 @@ class ShardWriter:
                 "use dtype fp32 or bf16"
             )
         self.buffers[path][rows] = stored
-        if path in self.references:
-            kept = self.references[path]
-            kept += list(zip(rows, values.float().cpu().numpy(), strict=True))
-            del kept[REFERENCE_ROWS:]
+        if path in self.references:  # the shard's first rows, whichever batch comes first
+            exact = list(zip(rows, values.float().cpu().numpy(), strict=True))
+            with self.lock:
+                kept = sorted(self.references[path] + exact, key=lambda item: item[0])
+                self.references[path] = kept[:REFERENCE_ROWS]
 
     def add(self, rows: list[int], outputs: dict[str, torch.Tensor]) -> None:
-        """Round and compress a batch's consecutive rows (in the writer thread; rows of skipped
+        """Round and compress a batch's consecutive rows (in a writer thread; rows of skipped
         samples between them stay fill values)."""
         for path, values in outputs.items():
             self.put(path, rows, values)

