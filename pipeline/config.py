@@ -97,8 +97,31 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
     return config
 
 
+# The forms of a backbone's `weights` (loaded by pipeline.weights).
+SAFETENSORS_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+ACCEPTED = (
+    "'random', 'pretrained', 'hf-hub:<repo_id>', 'package:<name>', or a local path / fsspec URL "
+    f"ending in {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
+)
+
+
+def weights_kind(weights: str) -> str:
+    """Which accepted form ``weights`` has; ValueError naming it otherwise."""
+    if weights in ("random", "pretrained"):
+        return weights
+    for prefix in ("hf-hub:", "package:"):
+        if weights.startswith(prefix) and len(weights) > len(prefix):
+            return prefix
+    if weights.lower().endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
+        return "path"
+    raise ValueError(f"unknown weights {weights!r}; accepted: {ACCEPTED}")
+
+
 def _check_backbones(backbones: list[dict]) -> None:
-    import timm  # deferred: importing torch and timm costs seconds, schema errors should not
+    for i, entry in enumerate(backbones):  # before torch and timm, whose import costs seconds
+        _check_weights(f"config backbones[{i}].weights", entry["weights"])
+    import timm
     import torch
 
     from pipeline.backbones import check_layer
@@ -112,7 +135,6 @@ def _check_backbones(backbones: list[dict]) -> None:
         seen.add(name)
         if not timm.is_model(name):
             raise ConfigError(f"config backbones[{i}].name: unknown timm model '{name}'")
-        _check_weights(f"config backbones[{i}].weights", entry["weights"])
         with torch.device("meta"):
             model = timm.create_model(name, pretrained=False)
         for layer in entry["layers"]:
@@ -129,8 +151,6 @@ def _check_backbones(backbones: list[dict]) -> None:
 def _check_weights(where: str, weights: str) -> None:
     """A weights string of a known form; a path or URL must exist (hub ids and timm's pretrained
     tags are looked up by the job that downloads them)."""
-    from pipeline.weights import weights_kind
-
     try:
         kind = weights_kind(weights)
     except ValueError as exc:

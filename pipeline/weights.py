@@ -34,16 +34,12 @@ import timm
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.config import SAFETENSORS_SUFFIXES, weights_kind
+
 StateDict = dict[str, torch.Tensor]
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 WRAPPER_KEYS = ("state_dict", "model")
-ACCEPTED = (
-    "'random', 'pretrained', 'hf-hub:<repo_id>', 'package:<name>', or a local path / fsspec URL "
-    f"ending in {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
-)
 
 
 @dataclass(frozen=True)
@@ -86,18 +82,6 @@ def create_backbone(
             _load_into(model, name, read_state_dict(local), location)
             digest = _sha256(local)
     return model.eval(), WeightsInfo(weights, True, digest, None)
-
-
-def weights_kind(weights: str) -> str:
-    """Which accepted form ``weights`` has; ValueError naming it otherwise."""
-    if weights in ("random", "pretrained"):
-        return weights
-    for prefix in ("hf-hub:", "package:"):
-        if weights.startswith(prefix) and len(weights) > len(prefix):
-            return prefix
-    if weights.lower().endswith(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES):
-        return "path"
-    raise ValueError(f"unknown weights {weights!r}; accepted: {ACCEPTED}")
 
 
 def _random_backbone(name: str, seed: int, model_kwargs: dict) -> torch.nn.Module:
