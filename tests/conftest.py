@@ -128,17 +128,27 @@ def snakemake(
 
 # Session fixtures that train a model: all tests on one of them run on one worker.
 TRAINED = ("demo_run", "tiny_model", "updecoder_run")
+# The groups that take longest (minutes: `make test` lists the slowest tests), slowest first.
+SLOWEST = (
+    "demo_run", "tests.test_s3", "tests.test_training", "tests.test_slurm", "tests.test_pipeline",
+    "tests.test_markers", "tests.test_resume", "tiny_model",
+)  # fmt: skip
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (`make test`: two workers, `--dist loadgroup`) a worker takes whole
     modules, so module fixtures are built once, and all tests on one trained model, so each model
-    is trained once; the cheap shared store (`train_store`) may be built by both workers."""
+    is trained once; the cheap shared store (`train_store`) may be built by both workers.  The
+    slowest groups are handed out first (`--no-loadscope-reorder` keeps this order), so that the
+    many short ones fill in at the end and both workers finish together."""
+    groups = {}
     for item in items:
         trained = [name for name in TRAINED if name in item.fixturenames]
-        group = trained[0] if trained else item.module.__name__
-        item.add_marker(pytest.mark.xdist_group(group))
+        groups[item] = trained[0] if trained else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(groups[item]))
+    rank = {group: i for i, group in enumerate(SLOWEST)}
+    items.sort(key=lambda item: rank.get(groups[item], len(SLOWEST)))
 
 
 # ---------------------------------------------------------------------------- object storage
