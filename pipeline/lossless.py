@@ -1,7 +1,8 @@
 """The lossless chain of each new array, chosen by measurement on its own first samples.
 
 No fixed chain is smallest on every array (dense maps want their byte planes coded apart, sparse
-post-ReLU maps plain zstd: benchmarks/RESULTS.md, section 2), so the plan encodes the first
+post-ReLU maps plain zstd, or featinv.sparse where readers have featinv-codecs:
+benchmarks/RESULTS.md, section 2), so the plan encodes the first
 `SAMPLE_ROWS` usable images of the first shard with every encoder, as the extraction job would,
 and lets `choose_lossless` pick each array's chain on those values before it creates the array.
 Arrays that exist keep the chain their metadata records: jobs may be writing them.
@@ -24,7 +25,7 @@ from pipeline.extract import autocast_for, encode_batch, prepare
 from pipeline.shard_writer import to_storage
 from pipeline.sources import SourceItem, read_items
 from pipeline.views import ViewSpec
-from storage_specs.codecs import choose_lossless, needs_choice
+from storage_specs.codecs import READERS, choose_lossless, needs_choice
 from storage_specs.layout import ArraySpec, array_chunks
 
 SAMPLE_ROWS = 32  # at most: the chunks' sizes, not their count, decide (a chunk per sample-view)
@@ -69,8 +70,9 @@ def _settled(spec: ArraySpec, stored: dict[str, dict], values: dict[str, np.ndar
         return replace(spec, compression=chain)
     if spec.path not in values:
         return spec
-    data = values[spec.path]
-    return replace(spec, compression=choose_lossless(data, array_chunks(spec.kind, data.shape)))
+    data, reader = values[spec.path], spec.compression.get("reader", READERS[0])
+    chunks = array_chunks(spec.kind, data.shape)
+    return replace(spec, compression=choose_lossless(data, chunks, reader))
 
 
 def first_values(

@@ -20,10 +20,15 @@ Lossless chains (benchmarks/RESULTS.md, section 2), chosen per array by its data
 - ``planar`` (default): byte-shuffle, then blosc zstd level 1 with one blosc block per byte plane,
   so the noisy low-mantissa plane and the structured sign/exponent plane are entropy-coded apart
   (one zstd stream mixing both costs 5-13%).  Smallest on dense maps (linear bottlenecks, ViT
-  tokens, latents): 0.93-1.01x the best of blosc {byte, bit}-shuffle x {clevel 5, 9}, encoding
-  1.3-8x faster than blosc clevel 5 bit-shuffle.
-- ``none``: zstd level 9 without shuffle.  Smallest on sparse maps (post-ReLU: runs of zero
-  values), where splitting the planes codes every zero twice.
+  tokens, latents): 0.93-1.02x the best of blosc {byte, bit}-shuffle x {clevel 5, 9}, encoding
+  1.3-8x faster than blosc clevel 5 bit-shuffle; level 3 where it saves more than 0.5% (maps of
+  random-weight ViTs and ConvNeXts, 1.4-1.8x faster than that chain).
+- ``none``: zstd level 9 without shuffle.  Smallest of the standard chains on sparse maps
+  (post-ReLU: runs of zero values), where splitting the planes codes every zero twice.
+- ``sparse``: featinv-codecs' ``featinv.sparse`` (a bitmask of the nonzero values, then their byte
+  planes, each its own zstd frame): on sparse maps 0.83-0.92x the bytes of the best blosc
+  reference at 4-16x the old chain's encode speed, but a reader needs featinv-codecs, so the plan
+  considers it only where the config says readers have it (``reader: featinv-codecs``).
 
 ``choose_lossless`` picks between them by encoding sample chunks: the plan does so for every new
 lossless array whose config leaves the chain open (``shuffle: auto``, the default), on the first
@@ -42,7 +47,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
-from featinv_codecs import QuantizeCodec
+from featinv_codecs import READER, QuantizeCodec, SparseCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
 
 if TYPE_CHECKING:
@@ -50,16 +55,20 @@ if TYPE_CHECKING:
 
 ZSTD_LEVEL = 9  # levels 3-22 give the same size on quantized residuals (measured)
 MODES = {
-    "lossless": ("shuffle", "level"),
+    "lossless": ("shuffle", "level", "reader"),
     "bitround": ("keepbits",),
     "quantize": ("rel_l2", "max_abs", "predict"),
 }
-SHUFFLES = ("planar", "none")  # lossless chains, the first one where nothing was measured
+SHUFFLES = ("planar", "none", "sparse")  # lossless chains, the first where nothing was measured
 AUTO = "auto"  # the chain chosen by measurement (choose_lossless), the default
-DEFAULT_LEVEL = {"planar": 1, "none": 9}  # zstd levels
-# What choose_lossless tries, cheapest encode first (benchmarks/RESULTS.md, section 2).
-CANDIDATES = (("planar", 1), ("none", 9), ("planar", 5), ("planar", 7))
-TOLERANCE = 1.01  # a costlier candidate must save more than 1% of the smallest's bytes
+DEFAULT_LEVEL = {"planar": 1, "none": 9, "sparse": 1}  # zstd levels
+# Who reads a lossless array: zarr-python with numcodecs (the default), or with featinv-codecs.
+READERS = ("zarr", "featinv-codecs")
+PLUGIN_SHUFFLES = {"sparse"}  # chains only zarr-python with featinv-codecs decodes
+# What choose_lossless tries, cheapest encode first: each encodes faster than the chain of
+# featinv-store/2 (blosc zstd-9 bit-shuffle; benchmarks/RESULTS.md, section 2).
+CANDIDATES = (("planar", 1), ("sparse", 1), ("planar", 3), ("none", 9))
+TOLERANCE = 1.005  # a costlier candidate must save more than 0.5% of the smallest's bytes
 _MANTISSA_BITS = {"float16": 10, "float32": 23, "float64": 52}
 # The planar chain's numcodecs.shuffle would warn at every array open: its readers have numcodecs.
 warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr", category=UserWarning)
@@ -87,6 +96,10 @@ def lossless_compressors(shuffle: str = SHUFFLES[0], level: int | None = None) -
         if not 1 <= level <= 22:
             raise ValueError(f"zstd level must be in 1..22, not {level}")
         return [ZstdCodec(level=level), Crc32cCodec()]
+    if shuffle == "sparse":
+        if not 1 <= level <= 22:
+            raise ValueError(f"zstd level must be in 1..22, not {level}")
+        return [SparseCodec(level=level), Crc32cCodec()]
     if level not in range(1, 14, 2):  # blosc clevel c runs zstd level 2c - 1 (c <= 7)
         raise ValueError(
             f"planar level must be one of 1, 3, ..., 13 (blosc clevel 1-7), not {level}"
@@ -123,13 +136,22 @@ def stored_bytes(data: np.ndarray, compressors: list, chunks: tuple[int, ...] | 
     return sum(len(v) for key, v in objects.items() if not key.endswith("zarr.json"))
 
 
-def choose_lossless(data: np.ndarray, chunks: tuple[int, ...] | None = None) -> dict:
+def choose_lossless(
+    data: np.ndarray, chunks: tuple[int, ...] | None = None, reader: str = READERS[0]
+) -> dict:
     """The lossless spec for an array whose chunks look like ``data`` (e.g. its first shard): of
-    ``CANDIDATES``, the cheapest whose bytes on ``data`` are within ``TOLERANCE`` of the fewest."""
-    sizes = [stored_bytes(data, lossless_compressors(*chain), chunks) for chain in CANDIDATES]
-    fits = [c for c, n in zip(CANDIDATES, sizes, strict=True) if n <= TOLERANCE * min(sizes)]
+    ``CANDIDATES`` that ``reader`` decodes, the cheapest whose bytes on ``data`` are within
+    ``TOLERANCE`` of the fewest."""
+    chains = [c for c in CANDIDATES if readable(c[0], reader)]
+    sizes = [stored_bytes(data, lossless_compressors(*chain), chunks) for chain in chains]
+    fits = [c for c, n in zip(chains, sizes, strict=True) if n <= TOLERANCE * min(sizes)]
     shuffle, level = fits[0]
     return {"mode": "lossless", "shuffle": shuffle, "level": level}
+
+
+def readable(shuffle: str, reader: str) -> bool:
+    """Whether ``reader`` (of ``READERS``) decodes the lossless chain ``shuffle``."""
+    return reader == "featinv-codecs" or shuffle not in PLUGIN_SHUFFLES
 
 
 def needs_choice(spec: dict) -> bool:
@@ -162,23 +184,7 @@ def compression_codecs(spec: dict, dtype: str) -> dict:
         raise ValueError(f"lossy compression applies to float arrays, not {dtype}")
     serializer = BytesCodec(endian="little")
     if mode == "lossless":
-        if needs_choice(spec) and "level" in spec:
-            raise ValueError("a zstd level needs a shuffle (planar or none), not auto")
-        shuffle = spec.get("shuffle", AUTO)
-        shuffle = SHUFFLES[0] if shuffle == AUTO else shuffle
-        compressors = lossless_compressors(shuffle, spec.get("level"))
-        level = spec.get("level", DEFAULT_LEVEL[shuffle])
-        return {
-            "filters": (),
-            "serializer": serializer,
-            "compressors": compressors,
-            "attrs": {
-                "mode": "lossless",
-                "shuffle": shuffle,
-                "level": level,
-                "bound": f"exact at {name}",
-            },
-        }
+        return {"filters": (), "serializer": serializer, **_lossless(spec, name)}
     if mode == "bitround":
         keepbits = int(spec["keepbits"])
         if not 0 < keepbits <= _MANTISSA_BITS[name]:
@@ -208,6 +214,25 @@ def compression_codecs(spec: dict, dtype: str) -> dict:
         "compressors": [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()],
         "attrs": {"mode": "quantize", **codec.to_dict()["configuration"], **codec.bound()},
     }
+
+
+def _lossless(spec: dict, dtype: str) -> dict:
+    """The compressors and attributes of a lossless ``compression:`` entry (``spec``)."""
+    if needs_choice(spec) and "level" in spec:
+        raise ValueError("a zstd level needs a shuffle (planar, none or sparse), not auto")
+    shuffle = spec.get("shuffle", AUTO)
+    shuffle = SHUFFLES[0] if shuffle == AUTO else shuffle
+    compressors = lossless_compressors(shuffle, spec.get("level"))
+    reader = spec.get("reader", "featinv-codecs" if shuffle in PLUGIN_SHUFFLES else READERS[0])
+    if reader not in READERS:
+        raise ValueError(f"unknown reader {reader!r}; accepted: {', '.join(READERS)}")
+    if not readable(shuffle, reader):
+        raise ValueError(f"shuffle {shuffle} needs reader featinv-codecs, not {reader}")
+    level = spec.get("level", DEFAULT_LEVEL[shuffle])
+    attrs = {"mode": "lossless", "shuffle": shuffle, "level": level, "bound": f"exact at {dtype}"}
+    if shuffle in PLUGIN_SHUFFLES:
+        attrs["reader"] = READER
+    return {"compressors": compressors, "attrs": attrs}
 
 
 def plugin_codecs(codecs: list[dict]) -> set[str]:

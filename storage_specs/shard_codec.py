@@ -4,8 +4,9 @@ zarr-python runs every chunk through its async codec pipeline: about a milliseco
 chunk, holding the GIL, on its event-loop thread.  The store keeps one sample-view per chunk, so a
 shard has hundreds of them, and an extraction job's forward passes (which need the GIL between
 their ops) wait behind that loop.  For chains made of numcodecs codecs (every lossless chain of the
-spec) `ChunkCodecs` does the same work in plain calls, and `shard_object` lays a shard out as zarr
-does (chunks in Morton order, then the index and its crc32c): the bytes are zarr's own (tested).
+spec, featinv-codecs' `featinv.sparse` included) `ChunkCodecs` does the same work in plain calls,
+and `shard_object` lays a shard out as zarr does (chunks in Morton order, then the index and its
+crc32c): the bytes are zarr's own (tested).
 Chains it does not know (the lossy quantize serializer) are left to zarr.
 """
 
@@ -18,6 +19,7 @@ import crc32c
 import numcodecs
 import numpy as np
 import zarr
+from featinv_codecs import Sparse
 from numcodecs.abc import Codec
 from zarr.core.indexing import morton_order_iter
 
@@ -43,6 +45,8 @@ def numcodecs_codec(entry: dict) -> Codec | None:
         return numcodecs.Zstd(level=config.get("level", 0), checksum=config.get("checksum", False))
     if name == "gzip":
         return numcodecs.GZip(level=config.get("level", 5))
+    if name == "featinv.sparse":
+        return Sparse(elementsize=config["elementsize"], level=config["level"])
     return None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from featinv_codecs import READER, QuantizeCodec, decode_array
+from featinv_codecs import READER, QuantizeCodec, Sparse, decode_array
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from pipeline.demo import demo_feature_maps
@@ -36,8 +36,12 @@ REFERENCES = [
     for clevel in (5, 9)
     for shuffle in ("shuffle", "bitshuffle")
 ]
-# The chain choose_lossless picks on the first shard (benchmarks/RESULTS.md, section 2).
-CHOSEN = {"blocks.3": ("planar", 1), "blocks.5": ("planar", 1), "bn2": ("none", 9)}
+# The chain choose_lossless picks on the first shard (benchmarks/RESULTS.md, section 2), for
+# readers with zarr-python and numcodecs, and for readers that also have featinv-codecs.
+CHOSEN = {
+    "zarr": {"blocks.3": ("planar", 1), "blocks.5": ("planar", 1), "bn2": ("none", 9)},
+    "featinv-codecs": {"blocks.3": ("planar", 1), "blocks.5": ("planar", 1), "bn2": ("sparse", 1)},
+}
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
 
@@ -84,7 +88,7 @@ def test_quantize_meets_its_bound_at_the_claimed_size(features, tmp_path, layer)
     assert ratio(arr, x) <= QUANTIZE_RATIO[layer]
     assert arr.attrs["compression"]["rel_l2"] == 0.01
     assert arr.attrs["compression"]["reader"] == READER  # names featinv-codecs and its version
-    assert "featinv-codecs 0.1.0" in READER
+    assert "featinv-codecs 0.2.0" in READER
 
 
 def test_quantize_bound_is_against_the_stored_dtype(features, tmp_path):
@@ -121,29 +125,39 @@ def test_bitround_bounds_every_value(features, tmp_path, dtype, keepbits):
     assert 0.25 < ratio(arr, x) < 0.45  # standard and bounded, but nowhere near 0.20
 
 
+@pytest.mark.parametrize("reader", CHOSEN)
 @pytest.mark.parametrize("layer", LAYERS)
-def test_chosen_lossless_chain_is_within_2_percent_of_the_best_reference(features, layer):
+def test_chosen_lossless_chain_is_within_2_percent_of_the_best_reference(features, layer, reader):
     shard = features[layer][:SHARD, None].astype(np.float16)  # the first shard, one view
-    spec = choose_lossless(shard)
-    assert (spec["shuffle"], spec["level"]) == CHOSEN[layer]
+    spec = choose_lossless(shard, reader=reader)
+    assert (spec["shuffle"], spec["level"]) == CHOSEN[reader][layer]
     best = min(stored_bytes(shard, chain) for chain in REFERENCES)
-    assert stored_bytes(shard, lossless_compressors(*CHOSEN[layer])) <= 1.02 * best
+    assert stored_bytes(shard, lossless_compressors(*CHOSEN[reader][layer])) <= 1.02 * best
 
 
-@pytest.mark.parametrize("shuffle", ["planar", "none"])
+def test_sparse_chain_beats_every_standard_one_on_sparse_maps(features):
+    shard = features["bn2"][:SHARD, None].astype(np.float16)  # 91% zeros after the last ReLU6
+    standard = [*REFERENCES, *(lossless_compressors(s) for s in ("planar", "none"))]
+    best = min(stored_bytes(shard, chain) for chain in standard)
+    assert stored_bytes(shard, lossless_compressors("sparse")) < 0.9 * best  # measured 0.83x
+
+
+@pytest.mark.parametrize("shuffle", ["planar", "none", "sparse"])
 def test_lossless_round_trips_exactly_with_plain_zarr(features, tmp_path, shuffle):
     x = features["blocks.3"].astype(np.float16)
     arr = write(tmp_path / "a.zarr", x, {"shuffle": shuffle}, "float16")
-    level = {"planar": 1, "none": 9}[shuffle]  # the defaults
+    level = {"planar": 1, "none": 9, "sparse": 1}[shuffle]  # the defaults
+    reader = {"reader": READER} if shuffle == "sparse" else {}  # featinv-codecs, by its entry point
     assert arr.attrs["compression"] == {"mode": "lossless", "shuffle": shuffle, "level": level,
-                                        "bound": "exact at float16"}  # fmt: skip
+                                        "bound": "exact at float16", **reader}  # fmt: skip
     codecs = arr.metadata.to_dict()["codecs"][0]["configuration"]["codecs"]
     assert codecs[-1]["name"] == "crc32c"
     if shuffle == "planar":  # one blosc block per byte plane: 80 x 14 x 14 values, a byte each
         assert [c["name"] for c in codecs] == ["bytes", "numcodecs.shuffle", "blosc", "crc32c"]
         assert codecs[2]["configuration"]["blocksize"] == 80 * 14 * 14
         assert codecs[2]["configuration"]["clevel"] == 1  # zstd level 1
-    # A fresh interpreter that never imports featinv decodes it (zarr-python + numcodecs).
+    # A fresh interpreter that never imports featinv decodes it (zarr-python + numcodecs, and
+    # featinv-codecs' entry point for sparse).
     read = (
         "import sys, numpy, zarr; a = zarr.open_array(sys.argv[1], mode='r')[:, 0]; "
         "numpy.save(sys.argv[2], a); "
@@ -155,12 +169,14 @@ def test_lossless_round_trips_exactly_with_plain_zarr(features, tmp_path, shuffl
     assert plain.returncode == 0, plain.stderr
     assert plain.stdout.strip() == "[]"
     assert np.array_equal(np.load(out), x)
-    # measured 0.426 planar, 0.462 none (dense layer: planar is the one chosen); old chain 0.483
-    assert ratio(arr, x) <= {"planar": 0.43, "none": 0.47}[shuffle]
+    # measured 0.426 planar, 0.462 none, 0.426 sparse (dense layer: planar is the one chosen);
+    # old chain 0.483
+    assert ratio(arr, x) <= {"planar": 0.43, "none": 0.47, "sparse": 0.43}[shuffle]
 
 
 @pytest.mark.parametrize(
-    "spec", [{"mode": "quantize", "rel_l2": 0.01}, {"shuffle": "planar"}, {"shuffle": "none"}]
+    "spec",
+    [{"mode": "quantize", "rel_l2": 0.01}, *({"shuffle": s} for s in ("planar", "none", "sparse"))],
 )
 def test_a_flipped_byte_in_a_chunk_fails_the_read(features, tmp_path, spec):
     x = features["blocks.5"][:SHARD]
@@ -211,6 +227,10 @@ def test_bad_specs_are_refused():
     with pytest.raises(ValueError, match=r"planar level must be one of 1, 3, \.\.\., 13 .*not 4"):
         compression_codecs({"shuffle": "planar", "level": 4}, "float16")
     assert compression_codecs({"shuffle": "planar", "level": 5}, "float16")["attrs"]["level"] == 5
+    with pytest.raises(ValueError, match="shuffle sparse needs reader featinv-codecs, not zarr"):
+        compression_codecs({"shuffle": "sparse", "reader": "zarr"}, "float16")
+    with pytest.raises(ValueError, match="unknown reader 'h5py'"):
+        compression_codecs({"reader": "h5py"}, "float16")
     with pytest.raises(ValueError, match="exactly one bound"):
         compression_codecs({"mode": "quantize", "rel_l2": 0.01, "max_abs": 1.0}, "float16")
 
@@ -227,3 +247,36 @@ def test_odd_chunks_round_trip_and_non_finite_values_are_refused():
         assert measured_error(x[0], stored[0])["rel_l2_max"] <= codec.rel_l2
     with pytest.raises(ValueError, match="non-finite"):
         QuantizeCodec(rel_l2=0.01).encode_array(np.full((1, 2, 2, 2), np.inf, np.float32))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "uint8", "int16"])
+def test_sparse_codec_round_trips_every_bit(dtype):
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(3, 17, 5)) * 40 * (rng.random((3, 17, 5)) < 0.4)).astype(dtype)
+    if x.dtype.kind == "f":
+        x.reshape(-1)[:4] = [-0.0, np.nan, -np.inf, np.finfo(dtype).tiny]  # all kept bit for bit
+    codec = Sparse(elementsize=x.dtype.itemsize, level=3)
+    for data in (x, np.zeros_like(x), np.ones_like(x), x[:0]):
+        encoded = codec.encode(data)
+        assert codec.decode(encoded).tobytes() == data.tobytes()
+        out = np.empty_like(data)
+        codec.decode(encoded, out)
+        assert out.tobytes() == data.tobytes()
+
+
+def test_sparse_codec_refuses_damaged_chunks_and_bad_settings():
+    codec = Sparse(elementsize=2)
+    encoded = bytearray(codec.encode(np.arange(-50, 50, dtype=np.float16)))
+    with pytest.raises(ValueError, match="not a chunk of this codec"):
+        codec.decode(b"XX" + bytes(encoded[2:]))
+    with pytest.raises(ValueError, match="length disagrees"):
+        codec.decode(bytes(encoded[:-1]))
+    mask = int.from_bytes(encoded[12:16], "little")  # the frames' lengths follow the 12-byte header
+    plane = int.from_bytes(encoded[16:20], "little")
+    encoded[12:20] = (mask + 1).to_bytes(4, "little") + (plane - 1).to_bytes(4, "little")
+    with pytest.raises(ValueError, match="featinv.sparse: damaged"):
+        codec.decode(bytes(encoded))
+    with pytest.raises(ValueError, match="elementsize must be 1, 2, 4 or 8, not 3"):
+        Sparse(elementsize=3)
+    with pytest.raises(ValueError, match="not whole elements"):
+        codec.encode(np.zeros(3, np.uint8))

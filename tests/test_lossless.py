@@ -3,14 +3,22 @@ keep theirs."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from pipeline.config import ConfigError
 from pipeline.encoders import load_encoders
 from pipeline.lossless import choose_chains
+from storage_specs.chunks import ChunkReader
 from storage_specs.codecs import choose_lossless
 from storage_specs.layout import array_chunks, open_root, stored_arrays
+from storage_specs.reader import open_store
+from storage_specs.validate import validate_store
 from tests.conftest import build_store, make_config
+
+BN2 = "features/efficientnet_lite0/bn2"  # after the last ReLU6: 90% zeros
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +45,26 @@ def test_each_array_gets_the_chain_measured_on_its_first_shard(planned):
         assert chains[path] == expected, path
     # dense maps code their byte planes apart, sparse post-ReLU maps and pixels plain zstd
     assert chains["features/efficientnet_lite0/blocks.3"]["shuffle"] == "planar"
-    assert chains["features/efficientnet_lite0/bn2"]["shuffle"] == "none"
+    assert chains[BN2]["shuffle"] == "none"
     assert chains["pixels/pixels/rgb"]["shuffle"] == "none"
+
+
+def test_readers_with_featinv_codecs_get_the_sparse_chain_on_sparse_maps(planned, tmp_path):
+    config, root = planned
+    efficientnet = {**config["backbones"][0], "compression": {"reader": "featinv-codecs"}}
+    sparse = make_config(tmp_path, config["source"], shard_size=8, backbones=[efficientnet])
+    build_store(sparse)
+    assert validate_store(sparse["store"]) == []
+    store = open_store(sparse["store"])
+    for path, shuffle in [("features/efficientnet_lite0/blocks.3", "planar"), (BN2, "sparse")]:
+        assert store.root[path].attrs["compression"]["shuffle"] == shuffle
+        assert np.array_equal(store.root[path][:], root[path][:])  # the same values, exactly
+    items = [(row, 0) for row in range(store.n_samples)]
+    reader = ChunkReader(store.root[BN2])  # the trainer's path: numcodecs calls, no zarr
+    assert reader.fast and np.array_equal(reader.read(items), root[BN2][:, 0])
+    shards = {url: sum(f.stat().st_size for f in Path(url, BN2, "c").rglob("*") if f.is_file())
+              for url in (sparse["store"], config["store"])}  # fmt: skip
+    assert shards[sparse["store"]] < 0.9 * shards[config["store"]]  # none 9 there
 
 
 def test_existing_arrays_keep_their_chain_without_measuring(planned):

@@ -160,10 +160,10 @@ def test_featinv_codecs_alone_decodes_lossy_arrays_within_their_bound(
 ):
     report = _read_plainly(lossy_store, tmp_path / "codecs", plain_site, codecs_site)
     assert "lossy_error" not in report, report.get("lossy_error")
-    assert report["codecs"] == ["featinv.quantize"]
+    assert report["codecs"] == ["featinv.quantize", "featinv.sparse"]
     assert report["modules"][0] == "featinv_codecs"  # loaded through its entry point
     assert not any(m.split(".")[0] != "featinv_codecs" for m in report["modules"])
-    assert "featinv-codecs 0.1.0" in report["compression"]["reader"]
+    assert "featinv-codecs 0.2.0" in report["compression"]["reader"]
     store = open_store(lossy_store)
     lossy = np.load(tmp_path / "codecs" / "lossy.npy")
     assert np.array_equal(lossy, store.root[LOSSY][:])  # the same values featinv decodes

@@ -71,6 +71,7 @@ CHAINS = {
     "planar1": lossless_compressors("planar", 1),
     "planar5": lossless_compressors("planar", 5),
     "none9": lossless_compressors("none", 9),
+    "sparse1": lossless_compressors("sparse", 1),
     "blosc-bitshuffle": [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()],
 }
 
@@ -85,10 +86,11 @@ def test_encoded_shards_are_zarrs_bytes(rows, layer, chain, shard):
     assert built(arr, data, shard) == zarr_bytes(make(data, CHAINS[chain]), data, shard)
 
 
-def test_uint8_pixels_are_zarrs_bytes():
+@pytest.mark.parametrize("shuffle", ["none", "sparse"])
+def test_uint8_pixels_are_zarrs_bytes(shuffle):
     pixels = np.random.default_rng(0).integers(0, 256, (12, 2, 3, 16, 16), dtype=np.uint8)
     pixels[sorted(SKIPPED)] = 0
-    chain = lossless_compressors("none", 9)
+    chain = lossless_compressors(shuffle)
     assert built(make(pixels, chain), pixels, 1) == zarr_bytes(make(pixels, chain), pixels, 1)
 
 

@@ -25,13 +25,9 @@ if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
     from zarr.core.buffer import Buffer, NDBuffer
 
+from featinv_codecs._version import READER
+
 CODEC_NAME = "featinv.quantize"
-VERSION = "0.1.0"
-# What a store's `compression.reader` attribute says a reader must install.
-READER = (
-    f"zarr-python >= 3.1 with featinv-codecs {VERSION} (numpy, numcodecs, zarr only): "
-    "pip install ./featinv-codecs from featinv's repository, or its wheel"
-)
 
 _HEADER = struct.Struct("<2sBBd4hI")  # magic, version, predicted, step, coefficients, escapes
 _MAGIC, _VERSION, _SCALE = b"FQ", 1, 256  # prediction coefficients are integers / 256
