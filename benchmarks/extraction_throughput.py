@@ -217,7 +217,9 @@ def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
 def json_results(config: dict, args: argparse.Namespace, times: list[Times]) -> dict:
     """The run's settings and images/s per repeat: what extraction hours scale from."""
     n, settings = args.images, ("batch_size", "shard_size", "threads", "num_workers", "device")
-    entries = [{k: e[k] for k in ("name", "weights", "layers")} for e in config["backbones"]]
+    entries = [
+        {k: e[k] for k in ("name", "weights", "layers", "compression")} for e in config["backbones"]
+    ]
     return {
         "backbones": entries,
         "images": n,
@@ -253,6 +255,10 @@ def main() -> None:
         "--jpeg-decode", choices=["workers", "device"], default="workers",
         help="config jpeg_decode: PIL in the decode workers, or nvJPEG on a GPU",
     )  # fmt: skip
+    parser.add_argument(
+        "--reader", choices=["zarr", "featinv-codecs"], default="zarr",
+        help="config compression.reader: featinv-codecs lets the plan choose the sparse chain",
+    )  # fmt: skip
     parser.add_argument("--json", help="also write the images/s per repeat to this file")
     parser.add_argument(
         "--breakdown", action="store_true", help="also time each piece of the stage alone"
@@ -260,6 +266,8 @@ def main() -> None:
     args = parser.parse_args()
     retain_freed_memory()  # as every extraction job does: the bare forward gets it too
     single = {"name": args.backbone, "weights": args.weights, "layers": args.layers}
+    backbones = DEFAULT_BACKBONES if args.all_default_backbones else [single]
+    backbones = [{**entry, "compression": {"reader": args.reader}} for entry in backbones]
     with tempfile.TemporaryDirectory(prefix="featinv-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         images = make_images(tmp, args.images, args.photos)
@@ -268,7 +276,7 @@ def main() -> None:
                 "source": str(images),
                 "store": str(tmp / "unused.zarr"),
                 "work_dir": str(tmp / "work"),
-                "backbones": DEFAULT_BACKBONES if args.all_default_backbones else [single],
+                "backbones": backbones,
                 "shard_size": args.shard_size,
                 "batch_size": args.batch_size,
                 "num_workers": args.num_workers,
@@ -282,7 +290,7 @@ def main() -> None:
         print(f"{names}: {args.images} images, batch {args.batch_size}, shard {args.shard_size},")
         decode = "workers" if args.device == "cpu" else args.jpeg_decode
         print(f"  threads {args.threads}, num_workers {args.num_workers}, device {args.device},"
-              f" JPEGs decoded in {decode}")  # fmt: skip
+              f" JPEGs decoded in {decode}, lossless chains for {args.reader} readers")  # fmt: skip
         run_pair(config, tmp / "warmup.zarr", bare, False)  # warm-up: files, allocator, caches
         print(f"{'repeat':>6} {'stage img/s':>12} {'bare img/s':>11} {'stage/bare':>11}"
               f" {'stage cores':>12} {'bare cores':>11}")  # fmt: skip
