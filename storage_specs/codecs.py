@@ -92,14 +92,11 @@ def lossless_compressors(shuffle: str = SHUFFLES[0], level: int | None = None) -
     if shuffle not in SHUFFLES:
         raise ValueError(f"unknown lossless shuffle {shuffle!r}; accepted: {', '.join(SHUFFLES)}")
     level = DEFAULT_LEVEL[shuffle] if level is None else level
-    if shuffle == "none":
+    if shuffle in ("none", "sparse"):
         if not 1 <= level <= 22:
             raise ValueError(f"zstd level must be in 1..22, not {level}")
-        return [ZstdCodec(level=level), Crc32cCodec()]
-    if shuffle == "sparse":
-        if not 1 <= level <= 22:
-            raise ValueError(f"zstd level must be in 1..22, not {level}")
-        return [SparseCodec(level=level), Crc32cCodec()]
+        codec = ZstdCodec if shuffle == "none" else SparseCodec
+        return [codec(level=level), Crc32cCodec()]
     if level not in range(1, 14, 2):  # blosc clevel c runs zstd level 2c - 1 (c <= 7)
         raise ValueError(
             f"planar level must be one of 1, 3, ..., 13 (blosc clevel 1-7), not {level}"

@@ -138,18 +138,20 @@ class SparseCodec(BytesBytesCodec):
         itemsize = array_spec.dtype.to_native_dtype().itemsize
         return self if self.elementsize else replace(self, elementsize=itemsize)
 
-    def numcodecs(self) -> Sparse:
-        return Sparse(elementsize=self.elementsize or 1, level=self.level)
+    def numcodecs(self, chunk_spec: ArraySpec) -> Sparse:
+        """The same codec for numcodecs, its element size the chunk's item size unless set."""
+        itemsize = self.elementsize or chunk_spec.dtype.to_native_dtype().itemsize
+        return Sparse(elementsize=itemsize, level=self.level)
 
     def compute_encoded_size(self, input_byte_length: int, chunk_spec: ArraySpec) -> int:
         raise NotImplementedError
 
     def _encode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
-        encoded = self.numcodecs().encode(chunk_bytes.as_numpy_array())
+        encoded = self.numcodecs(chunk_spec).encode(chunk_bytes.as_numpy_array())
         return chunk_spec.prototype.buffer.from_bytes(encoded)
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer:
-        decoded = self.numcodecs().decode(chunk_bytes.as_numpy_array())
+        decoded = self.numcodecs(chunk_spec).decode(chunk_bytes.as_numpy_array())
         return chunk_spec.prototype.buffer.from_array_like(decoded)
 
     async def _encode_single(self, chunk_bytes: Buffer, chunk_spec: ArraySpec) -> Buffer | None:
