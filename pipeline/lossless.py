@@ -2,9 +2,9 @@
 
 No fixed chain is smallest on every array (dense maps want their byte planes coded apart, sparse
 post-ReLU maps plain zstd, or featinv.sparse where readers have featinv-codecs:
-benchmarks/RESULTS.md, section 2), so the plan encodes the first
-`SAMPLE_ROWS` usable images of the first shard with every encoder, as the extraction job would,
-and lets `choose_lossless` pick each array's chain on those values before it creates the array.
+benchmarks/RESULTS.md, section 2), so the plan encodes the first `SAMPLE_ROWS` usable images of
+the first shard with every encoder, as the extraction job would, and lets `choose_lossless` pick
+each array's chain on those values before it creates the array.
 Arrays that exist keep the chain their metadata records: jobs may be writing them.
 """
 
