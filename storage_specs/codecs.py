@@ -159,9 +159,10 @@ def needs_choice(spec: dict) -> bool:
 def compression_codecs(spec: dict, dtype: str) -> dict:
     """`zarr.create_array` keyword arguments for a config's ``compression:`` entry, plus ``attrs``.
 
-    ``spec`` is ``{"mode": "lossless"}`` (default; optional ``"shuffle"`` of ``SHUFFLES`` and
-    zstd ``"level"``; ``"auto"``, or no shuffle, stands for the first of ``SHUFFLES`` here: the
-    plan measures the chain before it creates an array, see ``needs_choice``),
+    ``spec`` is ``{"mode": "lossless"}`` (default; optional ``"shuffle"`` of ``SHUFFLES``, zstd
+    ``"level"`` and ``"reader"`` of ``READERS``, which the chain must suit; ``"auto"``, or no
+    shuffle, stands for the first of ``SHUFFLES`` here: the plan measures the chain before it
+    creates an array, see ``needs_choice``),
     ``{"mode": "bitround", "keepbits": N}`` or
     ``{"mode": "quantize", "rel_l2": 0.01}`` / ``{"mode": "quantize", "max_abs": A}``; ``dtype``
     the storage dtype (``float16``, ``float32``).  The caller pops ``attrs`` (what was asked, the
