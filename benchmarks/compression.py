@@ -12,12 +12,12 @@ chunked as the store chunks it): bytes zarr stores for it (chunks, crc32c, shard
 of the four references, blosc zstd clevel 5 (zstd 9) or 9 (zstd 22) with byte- or bit-shuffle,
 and with each of ``storage_specs.codecs.CANDIDATES`` (chain and zstd level); for each reader the
 plan can choose for (zarr-python with numcodecs; with featinv-codecs too, which adds the sparse
-chain), the one ``choose_lossless`` picks and its bytes over the best reference's (goal <= 1.02). Speed, chosen chain against the old one
-(blosc zstd clevel 5 bit-shuffle): the chunk codecs (as numcodecs objects, read from the arrays'
-metadata) encoding and decoding the shard's chunks, and zarr writing and reading the shard in
-memory (with its per-chunk async overhead); alternating over repeats in one process, each timing
-over ``--megabytes`` of the shard's data (passes of it, at most 200); the median of per-repeat
-ratios old time / chosen time (goal >= 1.0 for encode).
+chain), the one ``choose_lossless`` picks and its bytes over the best reference's (goal <= 1.02).
+Speed, chosen chain against the old one (blosc zstd clevel 5 bit-shuffle): the chunk codecs (as
+numcodecs objects, read from the arrays' metadata) encoding and decoding the shard's chunks, and
+zarr writing and reading the shard in memory (with its per-chunk async overhead); alternating
+over repeats in one process, each timing over ``--megabytes`` of the shard's data (passes of it,
+at most 200); the median of per-repeat ratios old time / chosen time (goal >= 1.0 for encode).
 
 Usage: ``.venv/bin/python benchmarks/compression.py [--repeats 5] [--megabytes 10]``
 ``[--config PATH] [--targets] [--json PATH]`` (another config's encoders; its targets too;

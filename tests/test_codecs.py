@@ -274,7 +274,7 @@ def test_sparse_codec_refuses_damaged_chunks_and_bad_settings():
     mask = int.from_bytes(encoded[12:16], "little")  # the frames' lengths follow the 12-byte header
     plane = int.from_bytes(encoded[16:20], "little")
     encoded[12:20] = (mask + 1).to_bytes(4, "little") + (plane - 1).to_bytes(4, "little")
-    with pytest.raises(ValueError, match="featinv.sparse: damaged"):
+    with pytest.raises(ValueError, match=r"featinv\.sparse: damaged"):
         codec.decode(bytes(encoded))
     with pytest.raises(ValueError, match="elementsize must be 1, 2, 4 or 8, not 3"):
         Sparse(elementsize=3)
