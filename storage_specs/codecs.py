@@ -64,6 +64,7 @@ AUTO = "auto"  # the chain chosen by measurement (choose_lossless), the default
 DEFAULT_LEVEL = {"planar": 1, "none": 9, "sparse": 1}  # zstd levels
 # Who reads a lossless array: zarr-python with numcodecs (the default), or with featinv-codecs.
 READERS = ("zarr", "featinv-codecs")
+PLUGIN_READER = READERS[1]
 PLUGIN_SHUFFLES = {"sparse"}  # chains only zarr-python with featinv-codecs decodes
 # What choose_lossless tries, cheapest encode first: each encodes faster than the chain of
 # featinv-store/2 (blosc zstd-9 bit-shuffle; benchmarks/RESULTS.md, section 2).
@@ -148,7 +149,7 @@ def choose_lossless(
 
 def readable(shuffle: str, reader: str) -> bool:
     """Whether ``reader`` (of ``READERS``) decodes the lossless chain ``shuffle``."""
-    return reader == "featinv-codecs" or shuffle not in PLUGIN_SHUFFLES
+    return reader == PLUGIN_READER or shuffle not in PLUGIN_SHUFFLES
 
 
 def needs_choice(spec: dict) -> bool:
@@ -221,11 +222,11 @@ def _lossless(spec: dict, dtype: str) -> dict:
     shuffle = spec.get("shuffle", AUTO)
     shuffle = SHUFFLES[0] if shuffle == AUTO else shuffle
     compressors = lossless_compressors(shuffle, spec.get("level"))
-    reader = spec.get("reader", "featinv-codecs" if shuffle in PLUGIN_SHUFFLES else READERS[0])
+    reader = spec.get("reader", PLUGIN_READER if shuffle in PLUGIN_SHUFFLES else READERS[0])
     if reader not in READERS:
         raise ValueError(f"unknown reader {reader!r}; accepted: {', '.join(READERS)}")
     if not readable(shuffle, reader):
-        raise ValueError(f"shuffle {shuffle} needs reader featinv-codecs, not {reader}")
+        raise ValueError(f"shuffle {shuffle} needs reader {PLUGIN_READER}, not {reader}")
     level = spec.get("level", DEFAULT_LEVEL[shuffle])
     attrs = {"mode": "lossless", "shuffle": shuffle, "level": level, "bound": f"exact at {dtype}"}
     if shuffle in PLUGIN_SHUFFLES:
