@@ -127,12 +127,9 @@ def _check_backbones(backbones: list[dict]) -> None:
     from pipeline.backbones import check_layer
     from storage_specs.codecs import compression_codecs
 
-    seen = set()
+    _check_unique("backbones", [entry["name"] for entry in backbones])
     for i, entry in enumerate(backbones):
         name = entry["name"]
-        if name in seen:
-            raise ConfigError(f"config backbones[{i}].name: '{name}' is listed twice")
-        seen.add(name)
         if not timm.is_model(name):
             raise ConfigError(f"config backbones[{i}].name: unknown timm model '{name}'")
         with torch.device("meta"):
@@ -171,12 +168,18 @@ def _check_weights(where: str, weights: str) -> None:
 
 
 def _check_ood(collections: list[dict]) -> None:
-    names = set()
     for i, entry in enumerate(collections):
         check_url(f"config robustness.ood[{i}].source", entry["source"])
-        if entry["name"] in names:
-            raise ConfigError(f"config robustness.ood[{i}].name: '{entry['name']}' is listed twice")
-        names.add(entry["name"])
+    _check_unique("robustness.ood", [entry["name"] for entry in collections])
+
+
+def _check_unique(where: str, names: list[str]) -> None:
+    """Entries of a config list are told apart by name (store groups, output folders)."""
+    seen = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise ConfigError(f"config {where}[{i}].name: '{name}' is listed twice")
+        seen.add(name)
 
 
 def _check_targets(targets: list[dict], taken: set[str]) -> None:

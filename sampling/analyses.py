@@ -85,6 +85,7 @@ class Analysis:
     norm: ChannelNorm
     spec: dict
     rows: dict[str, int]  # valid store key -> row
+    section: str = "analyses"  # the config section of `spec`, named by its errors
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -97,13 +98,17 @@ class Analysis:
         held = set(self.data.heldout_rows.tolist())
         keys = [key for key, row in self.rows.items() if row in held]
         if not keys:
-            raise ConfigError("config analyses.keys: not set, and the model holds out no samples")
+            raise ConfigError(
+                f"config {self.section}.keys: not set, and the model holds out no samples"
+            )
         return keys[: self.spec["limit"]]
 
     def checked(self, keys: list[str], where: str) -> list[str]:
         for key in keys:
             if key not in self.rows:
-                raise ConfigError(f"config analyses.{where}: '{key}' is no valid key of the store")
+                raise ConfigError(
+                    f"config {self.section}.{where}: '{key}' is no valid key of the store"
+                )
         return list(keys)
 
     def read(self, keys: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

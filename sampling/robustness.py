@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.config import ConfigError, validate_config
+from pipeline.config import validate_config
 from pipeline.run import run_all
 from pipeline.variants import ATTACKS, CLEAN, OOD, write_variants
 from sampling import metrics
@@ -67,27 +67,13 @@ def robustness_folder(config: dict) -> Path:
 def analysis_of(config: dict, device: str | None) -> Analysis:
     """The model and store of `config` with the `robustness:` settings (view 0)."""
     analysis = open_analysis(config, device)
-    return replace(analysis, spec={**config["robustness"], "view": 0})
-
-
-def keys_of(analysis: Analysis) -> list[str]:
-    spec = analysis.spec
-    if spec["keys"]:
-        for key in spec["keys"]:
-            if key not in analysis.rows:
-                raise ConfigError(f"config robustness.keys: '{key}' is no valid key of the store")
-        return list(spec["keys"])
-    held = set(analysis.data.heldout_rows.tolist())
-    keys = [key for key, row in analysis.rows.items() if row in held][: spec["limit"]]
-    if not keys:
-        raise ConfigError("config robustness.keys: not set, and the model holds out no samples")
-    return keys
+    return replace(analysis, spec={**config["robustness"], "view": 0}, section="robustness")
 
 
 def variants_run(config: dict, device: str | None = None) -> Path:
     """Write the variants collection and its manifest.json; the folder."""
     analysis = analysis_of(config, device)
-    keys = keys_of(analysis)
+    keys = analysis.keys()
     root = FeatureStore(analysis.data.url)
     sources = [str(root.samples()["source"][analysis.rows[key]]) for key in keys]
     crop_pct = root.root.attrs["views"]["eval_crop_pct"]

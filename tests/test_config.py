@@ -67,6 +67,10 @@ def test_defaults_are_filled():
             "config backbones[1].name: 'resnet18' is listed twice",
         ),
         (
+            {"robustness": {"ood": [{"name": "space", "source": "/a"}] * 2}},
+            "config robustness.ood[1].name: 'space' is listed twice",
+        ),
+        (
             {"backbones": [{**GOOD["backbones"][0], "weights": "/no/such/resnet18.safetensors"}]},
             "config backbones[0].weights: weights file '/no/such/resnet18.safetensors' does not",
         ),

@@ -188,4 +188,5 @@ def test_unknown_key_fails_in_one_line(train_store, tiny_model, tmp_path):  # no
     config = robustness_config(train_store, tiny_model, tmp_path, keys=["people/nobody"])
     with pytest.raises(ConfigError) as error:
         variants_run(config)
-    assert "'people/nobody'" in str(error.value) and "\n" not in str(error.value)
+    message = str(error.value)
+    assert "config robustness.keys: 'people/nobody'" in message and "\n" not in message
