@@ -21,6 +21,8 @@ stage images/s / bare images/s (goal: >= 0.9), and the ratio of the best repeats
 CPU seconds (this process and its finished children, the decode workers) per wall second.
 
 Diagnostics: ``--breakdown`` also times each piece of the stage alone (best of ``--repeats``),
+``--timeline`` where one more run of the stage spends its wall time (the forward passes, before
+the first and after the last, between them; the writer thread's work beside them),
 
 Usage: ``.venv/bin/python benchmarks/extraction_throughput.py [--all-default-backbones]``
 ``[--device cuda] [--json PATH]`` (the images/s as JSON for ``benchmarks/scaling.py``)
@@ -43,6 +45,7 @@ import numpy as np
 import torch
 from record import write_result
 
+import pipeline.extract
 from pipeline.config import validate_config
 from pipeline.decode import ImageLimits
 from pipeline.demo import IMAGE_SUFFIXES, TRUNCATED, build_demo_images
@@ -50,7 +53,7 @@ from pipeline.encoders import load_encoders, resolve_views
 from pipeline.extract import extract_shards, prepare, shard_batches
 from pipeline.memory import retain_freed_memory
 from pipeline.plan import plan_store
-from pipeline.shard_writer import to_storage
+from pipeline.shard_writer import ShardWriter, to_storage
 from pipeline.sources import list_source, read_items
 from storage_specs.layout import open_root, write_shard
 
@@ -214,6 +217,52 @@ def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
     print(f"  forward / sum of pieces: {forward / sum(pieces.values()):.3f}x")
 
 
+def timeline(config: dict, store: Path) -> None:
+    """One more run of the stage, its forward passes and the writer thread's calls timed inside it
+    (wrapped for this run only): what of the job is not the forward, and what runs beside it."""
+    spans: dict[str, list[tuple[float, float]]] = {"forward": [], "writer": []}
+
+    def spanned(name: str, fn: Callable) -> Callable:
+        def run(*args):
+            start = time.perf_counter()
+            try:
+                return fn(*args)
+            finally:
+                spans[name].append((start, time.perf_counter()))
+
+        return run
+
+    originals = pipeline.extract.encode_batch, ShardWriter.add, ShardWriter.flush
+    pipeline.extract.encode_batch = spanned("forward", originals[0])
+    ShardWriter.add, ShardWriter.flush = (spanned("writer", fn) for fn in originals[1:])
+    try:
+        config = {**config, "store": str(store)}
+        plan = plan_store(config)
+        start = time.perf_counter()
+        for group in plan["groups"]:
+            extract_shards(config, group, range(plan["n_shards"]), progress=False)
+        wall = time.perf_counter() - start
+    finally:
+        pipeline.extract.encode_batch = originals[0]
+        ShardWriter.add, ShardWriter.flush = originals[1:]
+    forward = spans["forward"]
+    pieces = {
+        "forward passes": sum(b - a for a, b in forward),
+        "before the first forward (model load, first decoded run)": forward[0][0] - start,
+        "between forward passes (taking runs, metadata, hand-over)": sum(
+            b[0] - a[1] for a, b in itertools.pairwise(forward)
+        ),
+        "after the last forward (last shard's compression, commit)": start + wall - forward[-1][1],
+    }
+    print(f"\ntimeline of one stage run: {wall:.2f} s")
+    for name, seconds in pieces.items():
+        print(f"  {name:<60} {seconds:>7.2f} s {seconds / wall:>6.1%}")
+    writer = sum(b - a for a, b in spans["writer"])
+    print(
+        f"  beside them, the writer thread (rounding, checks, compression, writes): {writer:.2f} s"
+    )
+
+
 def json_results(config: dict, args: argparse.Namespace, times: list[Times]) -> dict:
     """The run's settings and images/s per repeat: what extraction hours scale from."""
     n, settings = args.images, ("batch_size", "shard_size", "threads", "num_workers", "device")
@@ -247,7 +296,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="default: the config's (32)")
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--photos", help="copy these (class sub-folders) instead of the demo's")
@@ -260,6 +309,9 @@ def main() -> None:
         help="config compression.reader: featinv-codecs lets the plan choose the sparse chain",
     )  # fmt: skip
     parser.add_argument("--json", help="also write the images/s per repeat to this file")
+    parser.add_argument(
+        "--timeline", action="store_true", help="also time where one stage run spends its time"
+    )
     parser.add_argument(
         "--breakdown", action="store_true", help="also time each piece of the stage alone"
     )
@@ -278,16 +330,18 @@ def main() -> None:
                 "work_dir": str(tmp / "work"),
                 "backbones": backbones,
                 "shard_size": args.shard_size,
-                "batch_size": args.batch_size,
                 "num_workers": args.num_workers,
                 "threads": args.threads,
                 "device": args.device,
                 "jpeg_decode": args.jpeg_decode,
             }
+            | ({"batch_size": args.batch_size} if args.batch_size else {})
         )
         bare = BareForward(config, images)
         names = " + ".join(entry["name"] for entry in config["backbones"])
-        print(f"{names}: {args.images} images, batch {args.batch_size}, shard {args.shard_size},")
+        print(
+            f"{names}: {args.images} images, batch {config['batch_size']}, shard {args.shard_size},"
+        )
         decode = "workers" if args.device == "cpu" else args.jpeg_decode
         print(f"  threads {args.threads}, num_workers {args.num_workers}, device {args.device},"
               f" JPEGs decoded in {decode}, lossless chains for {args.reader} readers")  # fmt: skip
@@ -308,6 +362,8 @@ def main() -> None:
         write_result(args.json, "extraction_throughput", json_results(config, args, times))
         if args.breakdown:
             breakdown(config, bare, tmp, args.repeats)
+        if args.timeline:
+            timeline(config, tmp / "timeline.zarr")
 
 
 if __name__ == "__main__":
