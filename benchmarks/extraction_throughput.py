@@ -20,9 +20,9 @@ load from other processes hits both; the result is the median of per-repeat rati
 stage images/s / bare images/s (goal: >= 0.9), and the ratio of the best repeats. Cores used:
 CPU seconds (this process and its finished children, the decode workers) per wall second.
 
-Diagnostics: ``--breakdown`` also times each piece of the stage alone (best of ``--repeats``),
+Diagnostics: ``--breakdown`` also times each piece of the stage alone (best of ``--repeats``);
 ``--timeline`` where one more run of the stage spends its wall time (the forward passes, before
-the first and after the last, between them; the writer thread's work beside them),
+the first and after the last, between them; the writer thread's work beside them).
 
 Usage: ``.venv/bin/python benchmarks/extraction_throughput.py [--all-default-backbones]``
 ``[--device cuda] [--json PATH]`` (the images/s as JSON for ``benchmarks/scaling.py``)
