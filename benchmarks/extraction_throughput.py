@@ -152,20 +152,28 @@ class Times:
         setattr(self, f"{name}_cpu", getattr(self, f"{name}_cpu") + cpu_seconds() - cpu)
 
 
+def jobs(plan: dict) -> list[range]:
+    """The shards of each extraction job, as Snakemake runs them (``shard_batches``)."""
+    return [range(a, b + 1) for a, b in shard_batches(plan["n_shards"], plan["shard_size"])]
+
+
+def extract_job(config: dict, plan: dict, shards: range) -> None:
+    """One extraction job: these shards of every group."""
+    for group in plan["groups"]:
+        extract_shards(config, group, shards, progress=False)
+
+
 def run_pair(config: dict, store: Path, bare: BareForward, flip: bool) -> Times:
     """Seconds over all shards; subject and baseline alternate job by job (order flipped on every
     other repeat), so drifting load from other processes hits both alike. Planning is not timed."""
     config = {**config, "store": str(store)}
     plan = plan_store(config)
     times = Times()
-    for first, last in shard_batches(plan["n_shards"], plan["shard_size"]):
-        shards = range(first, last + 1)
-
-        def stage(shards: range = shards) -> None:
-            for group in plan["groups"]:
-                extract_shards(config, group, shards, progress=False)
-
-        pair = [("stage", stage), ("bare", lambda shards=shards: bare.run(shards))]
+    for shards in jobs(plan):
+        pair = [
+            ("stage", lambda shards=shards: extract_job(config, plan, shards)),
+            ("bare", lambda shards=shards: bare.run(shards)),
+        ]
         for name, fn in reversed(pair) if flip else pair:
             times.add(name, fn)
     return times
@@ -219,7 +227,8 @@ def breakdown(config: dict, bare: BareForward, tmp: Path, repeats: int) -> None:
 
 def timeline(config: dict, store: Path) -> None:
     """One more run of the stage, its forward passes and the writer thread's calls timed inside it
-    (wrapped for this run only): what of the job is not the forward, and what runs beside it."""
+    (wrapped for this run only): what of the jobs is not the forward, and what runs beside it
+    (past one job, the later jobs' starts count as time between forward passes)."""
     spans: dict[str, list[tuple[float, float]]] = {"forward": [], "writer": []}
 
     def spanned(name: str, fn: Callable) -> Callable:
@@ -239,8 +248,8 @@ def timeline(config: dict, store: Path) -> None:
         config = {**config, "store": str(store)}
         plan = plan_store(config)
         start = time.perf_counter()
-        for group in plan["groups"]:
-            extract_shards(config, group, range(plan["n_shards"]), progress=False)
+        for shards in jobs(plan):
+            extract_job(config, plan, shards)
         wall = time.perf_counter() - start
     finally:
         pipeline.extract.encode_batch = originals[0]
