@@ -63,7 +63,7 @@ REFERENCES = {  # issue 11's four: blosc zstd clevel 5 (zstd 9) or 9 (zstd 22), 
     for clevel in (5, 9)
     for name, shuffle in (("byte", "shuffle"), ("bit", "bitshuffle"))
 }
-OLD = "bit5"  # the chain of featinv-store/2
+OLD = "bit5"  # the chain of featinv-store/2 (storage_specs.codecs.spec2_compressors)
 # zarr runs blosc in worker threads, where numcodecs does not use blosc's own threads: same here.
 blosc.use_threads = False
 

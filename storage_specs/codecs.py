@@ -21,8 +21,8 @@ Lossless chains (benchmarks/RESULTS.md, section 2), chosen per array by its data
   so the noisy low-mantissa plane and the structured sign/exponent plane are entropy-coded apart
   (one zstd stream mixing both costs 5-13%).  Smallest on dense maps (linear bottlenecks, ViT
   tokens, latents): 0.93-1.02x the best of blosc {byte, bit}-shuffle x {clevel 5, 9}, encoding
-  1.3-8x faster than blosc clevel 5 bit-shuffle; level 3 where it saves more than 0.3% (maps of
-  random-weight ViTs and ConvNeXts, 1.4-1.8x faster than that chain).
+  1.3-8x faster than blosc clevel 5 bit-shuffle; level 3 or 5 where it saves more than 0.3% and
+  still encodes as fast as that chain (maps of random-weight ViTs and ConvNeXts).
 - ``none``: zstd level 9 without shuffle.  Smallest of the standard chains on sparse maps
   (post-ReLU: runs of zero values), where splitting the planes codes every zero twice.
 - ``sparse``: featinv-codecs' ``featinv.sparse`` (a bitmask of the nonzero values, then their byte
@@ -33,6 +33,10 @@ Lossless chains (benchmarks/RESULTS.md, section 2), chosen per array by its data
 ``choose_lossless`` picks between them by encoding sample chunks: the plan does so for every new
 lossless array whose config leaves the chain open (``shuffle: auto``, the default), on the first
 samples of its first shard (``pipeline.plan``); an existing array keeps the chain it records.
+It also times a chosen chain's encode against the chain of featinv-store/2 on the same chunks and
+passes over one that is slower: zstd's speed at a level depends on the data (level 3 is 3.1x
+slower than level 1 on the byte planes of efficientnet_lite0's blocks.6, 1.3x on blocks.4), so
+bytes alone cannot promise the speed.
 
 Every chain ends in crc32c, so a flipped bit still fails the read.  ``QuantizeCodec`` lives in
 its own distribution, ``featinv-codecs`` (``featinv-codecs/`` in this repository, depending on
@@ -42,13 +46,19 @@ zarr-python finds it through that distribution's ``zarr.codecs`` entry point.
 
 from __future__ import annotations
 
+import itertools
+import math
+import time
 import warnings
 from typing import TYPE_CHECKING
 
+import numcodecs.blosc
 import numpy as np
 import zarr
 from featinv_codecs import READER, QuantizeCodec, SparseCodec
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ZstdCodec
+
+from storage_specs.shard_codec import ChunkCodecs
 
 if TYPE_CHECKING:
     from zarr.core.array_spec import ArraySpec
@@ -66,10 +76,13 @@ DEFAULT_LEVEL = {"planar": 1, "none": 9, "sparse": 1}  # zstd levels
 READERS = ("zarr", "featinv-codecs")
 PLUGIN_READER = READERS[1]
 PLUGIN_SHUFFLES = {"sparse"}  # chains only zarr-python with featinv-codecs decodes
-# What choose_lossless tries, cheapest encode first: each encodes faster than the chain of
-# featinv-store/2 (blosc zstd-9 bit-shuffle; benchmarks/RESULTS.md, section 2).
-CANDIDATES = (("planar", 1), ("sparse", 1), ("planar", 3), ("none", 9))
+# What choose_lossless tries, cheapest encode first: the first encodes faster than the chain of
+# featinv-store/2 on every array measured (1.3-8x; benchmarks/RESULTS.md, section 2), the others
+# are timed against it on the array's own chunks when they would be chosen.
+CANDIDATES = (("planar", 1), ("sparse", 1), ("planar", 3), ("none", 9), ("planar", 5))
 TOLERANCE = 1.003  # a costlier candidate must save more than 0.3% of the smallest's bytes
+TIMING_REPEATS = 7  # alternating; the best of each counts (load only ever slows a pass)
+TIMING_BYTES = 2_000_000  # raw bytes per timed pass at least (small shards: several passes)
 _MANTISSA_BITS = {"float16": 10, "float32": 23, "float64": 52}
 # The planar chain's numcodecs.shuffle would warn at every array open: its readers have numcodecs.
 warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr", category=UserWarning)
@@ -134,17 +147,73 @@ def stored_bytes(data: np.ndarray, compressors: list, chunks: tuple[int, ...] | 
     return sum(len(v) for key, v in objects.items() if not key.endswith("zarr.json"))
 
 
+def spec2_compressors() -> list:
+    """The lossless chain of featinv-store/2, blosc zstd clevel 5 (zstd 9) with bit-shuffle: the
+    encode speed a chosen chain must match (issue 11)."""
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+
+
 def choose_lossless(
     data: np.ndarray, chunks: tuple[int, ...] | None = None, reader: str = READERS[0]
 ) -> dict:
     """The lossless spec for an array whose chunks look like ``data`` (e.g. its first shard): of
-    ``CANDIDATES`` that ``reader`` decodes, the cheapest whose bytes on ``data`` are within
-    ``TOLERANCE`` of the fewest."""
-    chains = [c for c in CANDIDATES if readable(c[0], reader)]
-    sizes = [stored_bytes(data, lossless_compressors(*chain), chunks) for chain in chains]
-    fits = [c for c, n in zip(chains, sizes, strict=True) if n <= TOLERANCE * min(sizes)]
-    shuffle, level = fits[0]
+    ``CANDIDATES`` that ``reader`` decodes and that encode ``data`` at least as fast as
+    featinv-store/2's chain, the cheapest whose bytes are within ``TOLERANCE`` of the fewest.
+
+    Only chains ranked before the first candidate (the fallback) are timed: usually none."""
+    *timed, fallback = ranked_chains(data, chunks, reader)
+    fast = (c for c in timed if encodes_as_fast(data, lossless_compressors(*c), chunks))
+    shuffle, level = next(fast, fallback)
     return {"mode": "lossless", "shuffle": shuffle, "level": level}
+
+
+def ranked_chains(
+    data: np.ndarray, chunks: tuple[int, ...] | None = None, reader: str = READERS[0]
+) -> list[tuple[str, int]]:
+    """The chains ``choose_lossless`` tries on ``data``, by bytes alone: the cheapest within
+    ``TOLERANCE`` of the fewest, then the same among the rest, down to the first candidate."""
+    chains = [c for c in CANDIDATES if readable(c[0], reader)]
+    sizes = {c: stored_bytes(data, lossless_compressors(*c), chunks) for c in chains}
+    ranked = []
+    while True:
+        fewest = min(sizes[c] for c in chains)
+        ranked.append(next(c for c in chains if sizes[c] <= TOLERANCE * fewest))
+        if ranked[-1] == chains[0]:
+            return ranked
+        chains.remove(ranked[-1])
+
+
+def encodes_as_fast(
+    data: np.ndarray, compressors: list, chunks: tuple[int, ...] | None = None
+) -> bool:
+    """Whether ``compressors`` encode the chunks of ``data`` at least as fast as featinv-store/2's
+    chain: numcodecs' own calls, as the extraction job's writer thread makes them (``ChunkCodecs``,
+    blosc without its threads), the best of ``TIMING_REPEATS`` alternating timings each."""
+    codecs = [ChunkCodecs.of(memory_shard(data, chain, chunks)[0])
+              for chain in (compressors, spec2_compressors())]  # fmt: skip
+    pieces = chunk_pieces(data, chunks or (1, 1, *data.shape[2:]))
+    passes = math.ceil(TIMING_BYTES / max(data.nbytes, 1))
+    best = [math.inf, math.inf]
+    threads, numcodecs.blosc.use_threads = numcodecs.blosc.use_threads, False
+    try:
+        for repeat in range(TIMING_REPEATS):
+            for i in (0, 1) if repeat % 2 == 0 else (1, 0):
+                start = time.perf_counter()
+                for _ in range(passes):
+                    for piece in pieces:
+                        codecs[i].encode(piece)
+                best[i] = min(best[i], time.perf_counter() - start)
+    finally:
+        numcodecs.blosc.use_threads = threads
+    return best[0] <= best[1]
+
+
+def chunk_pieces(data: np.ndarray, chunks: tuple[int, ...]) -> list[np.ndarray]:
+    """The chunks of ``data`` as a grid of ``chunks`` cuts it (edge chunks unpadded)."""
+    grid = [range(0, n, c) for n, c in zip(data.shape, chunks, strict=True)]
+    cuts = (tuple(slice(o, o + c) for o, c in zip(origin, chunks, strict=True))
+            for origin in itertools.product(*grid))  # fmt: skip
+    return [np.ascontiguousarray(data[cut]) for cut in cuts]
 
 
 def readable(shuffle: str, reader: str) -> bool:
