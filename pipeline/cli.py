@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import ConfigError, check_url, load_config, stage_groups
@@ -196,32 +198,29 @@ def cmd_report(args) -> None:
     print(f"report: {path.resolve()}")
 
 
-def cmd_steer(args) -> None:
-    from sampling.analyses import steer_run
+def _sampling_command(target: str, said: str) -> Callable[[argparse.Namespace], None]:
+    """A subcommand that runs ``module:function`` on the config's sampling setup and says where
+    its output went (``said`` with ``{out}``); the module is imported only when it runs."""
+    module, function = target.split(":")
 
-    out = steer_run(load_config(args.config, purpose="sample"))
-    print(f"steering grids: {out}")
+    def run(args) -> None:
+        config = load_config(args.config, purpose="sample")
+        out = getattr(importlib.import_module(module), function)(config)
+        print(said.format(out=out))
 
-
-def cmd_composite(args) -> None:
-    from sampling.analyses import composite_run
-
-    out = composite_run(load_config(args.config, purpose="sample"))
-    print(f"composite-feature grids: {out}")
-
-
-def cmd_variants(args) -> None:
-    from sampling.robustness import variants_run
-
-    out = variants_run(load_config(args.config, purpose="sample"))
-    print(f"robustness variants: {out} (manifest.json)")
+    return run
 
 
-def cmd_robustness(args) -> None:
-    from sampling.robustness import robustness_run
-
-    out = robustness_run(load_config(args.config, purpose="sample"))
-    print(f"robustness analysis: {out / 'robustness.json'}")
+cmd_steer = _sampling_command("sampling.analyses:steer_run", "steering grids: {out}")
+cmd_composite = _sampling_command(
+    "sampling.analyses:composite_run", "composite-feature grids: {out}"
+)
+cmd_variants = _sampling_command(
+    "sampling.robustness:variants_run", "robustness variants: {out} (manifest.json)"
+)
+cmd_robustness = _sampling_command(
+    "sampling.robustness:robustness_run", "robustness analysis: {out}/robustness.json"
+)
 
 
 def cmd_info(args) -> None:
