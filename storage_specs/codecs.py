@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 import warnings
 from typing import TYPE_CHECKING
@@ -81,8 +82,8 @@ PLUGIN_SHUFFLES = {"sparse"}  # chains only zarr-python with featinv-codecs deco
 # are timed against it on the array's own chunks when they would be chosen.
 CANDIDATES = (("planar", 1), ("sparse", 1), ("planar", 3), ("none", 9), ("planar", 5))
 TOLERANCE = 1.003  # a costlier candidate must save more than 0.3% of the smallest's bytes
-TIMING_REPEATS = 7  # alternating; the best of each counts (load only ever slows a pass)
-TIMING_BYTES = 2_000_000  # raw bytes per timed pass at least (small shards: several passes)
+TIMING_ROUNDS = 15  # pairs of back-to-back timings, candidate and featinv-store/2's chain
+TIMING_BYTES = 500_000  # raw bytes per timing at least (small shards: several passes)
 _MANTISSA_BITS = {"float16": 10, "float32": 23, "float64": 52}
 # The planar chain's numcodecs.shuffle would warn at every array open: its readers have numcodecs.
 warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr", category=UserWarning)
@@ -188,24 +189,27 @@ def encodes_as_fast(
 ) -> bool:
     """Whether ``compressors`` encode the chunks of ``data`` at least as fast as featinv-store/2's
     chain: numcodecs' own calls, as the extraction job's writer thread makes them (``ChunkCodecs``,
-    blosc without its threads), the best of ``TIMING_REPEATS`` alternating timings each."""
+    blosc without its threads), the median of ``TIMING_ROUNDS`` ratios of back-to-back timings
+    (load that comes and goes slows both sides of a round alike)."""
     codecs = [ChunkCodecs.of(memory_shard(data, chain, chunks)[0])
               for chain in (compressors, spec2_compressors())]  # fmt: skip
     pieces = chunk_pieces(data, chunks or (1, 1, *data.shape[2:]))
     passes = math.ceil(TIMING_BYTES / max(data.nbytes, 1))
-    best = [math.inf, math.inf]
+    ratios = []
     threads, numcodecs.blosc.use_threads = numcodecs.blosc.use_threads, False
     try:
-        for repeat in range(TIMING_REPEATS):
-            for i in (0, 1) if repeat % 2 == 0 else (1, 0):
+        for round_ in range(TIMING_ROUNDS):
+            seconds = [0.0, 0.0]
+            for i in (0, 1) if round_ % 2 == 0 else (1, 0):
                 start = time.perf_counter()
                 for _ in range(passes):
                     for piece in pieces:
                         codecs[i].encode(piece)
-                best[i] = min(best[i], time.perf_counter() - start)
+                seconds[i] = time.perf_counter() - start
+            ratios.append(seconds[0] / seconds[1])
     finally:
         numcodecs.blosc.use_threads = threads
-    return best[0] <= best[1]
+    return statistics.median(ratios) <= 1
 
 
 def chunk_pieces(data: np.ndarray, chunks: tuple[int, ...]) -> list[np.ndarray]:
