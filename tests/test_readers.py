@@ -135,18 +135,17 @@ def _copy_with_codecs(src, path: Path, codecs: dict):
 
 def _chains() -> dict[str, tuple[dict, bool]]:
     """Codec chains a store may hold, and whether ChunkReader decodes them itself."""
-    from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+    from zarr.codecs import ZstdCodec
 
-    from storage_specs.codecs import compression_codecs
+    from storage_specs.codecs import compression_codecs, spec2_compressors
 
     def spec(**compression) -> dict:
         return {k: v for k, v in compression_codecs(compression, "float16").items() if k != "attrs"}
 
-    spec2 = [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
     return {
         "lossless": (spec(mode="lossless"), True),
         "lossless-none": (spec(mode="lossless", shuffle="none"), True),
-        "spec2-blosc-bitshuffle": ({"compressors": spec2}, True),
+        "spec2-blosc-bitshuffle": ({"compressors": spec2_compressors()}, True),
         "zstd-without-crc32c": ({"compressors": [ZstdCodec(level=3)]}, True),
         "bitround": (spec(mode="bitround", keepbits=6), True),
         "quantize": (spec(mode="quantize", rel_l2=0.01), False),  # zarr decodes it

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from pipeline.demo import demo_feature_maps
 from pipeline.shard_writer import EncodedShard, StagedShard, array_shard, to_storage
-from storage_specs.codecs import compression_codecs, lossless_compressors
+from storage_specs.codecs import compression_codecs, lossless_compressors, spec2_compressors
 from storage_specs.layout import shard_key
 
 pytestmark = pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr")
@@ -72,7 +71,7 @@ CHAINS = {
     "planar5": lossless_compressors("planar", 5),
     "none9": lossless_compressors("none", 9),
     "sparse1": lossless_compressors("sparse", 1),
-    "blosc-bitshuffle": [BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"), Crc32cCodec()],
+    "spec2-blosc-bitshuffle": spec2_compressors(),
 }
 
 
