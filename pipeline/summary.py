@@ -33,13 +33,15 @@ def format_summary(store: FeatureStore) -> list[str]:
         lines += [f"  skipped {s['key']}: {s['reason']}" for s in info["skipped"]]
     stored = raw = 0
     lines.append(f"arrays: {len(info['arrays'])}")
+    width = max(map(len, info["arrays"]), default=0)
     for path, a in info["arrays"].items():
-        ratio = a["stored_bytes"] / a["raw_fp32_bytes"] if a["raw_fp32_bytes"] else 0.0
         weights = {True: "pretrained", False: "random weights", None: "target"}[a["pretrained"]]
-        lines.append(
-            f"  {path:45s} {a['shape']!s:22s} {a['dtype']}  {_mb(a['stored_bytes'])} "
-            f"= {ratio:.2f}x raw fp32  ({weights})"
-        )
+        head = f"  {path:{width}s} {a['shape']!s:22s} {a['dtype']}"
+        if a["group"] in (info["pending_groups"] or ()):  # not in the totals either
+            lines.append(f"{head}  pending (group {a['group']})  ({weights})")
+            continue
+        ratio = a["stored_bytes"] / a["raw_fp32_bytes"] if a["raw_fp32_bytes"] else 0.0
+        lines.append(f"{head}  {_mb(a['stored_bytes'])} = {ratio:.2f}x raw fp32  ({weights})")
         stored, raw = stored + a["stored_bytes"], raw + a["raw_fp32_bytes"]
     if raw:
         lines.append(f"bytes on disk {_mb(stored)} vs raw fp32 {_mb(raw)}: {stored / raw:.2f}x")

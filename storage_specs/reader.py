@@ -104,6 +104,7 @@ class FeatureStore:
                 "stored_bytes": arr.nbytes_stored(),
                 "raw_fp32_bytes": int(valid.sum()) * per_sample * 4,
                 "pretrained": arr.attrs.get("pretrained"),
+                "group": arr.attrs.get("group"),
             }
         skipped = [
             {"key": k, "source": s, "reason": e}

@@ -20,6 +20,7 @@ from timm.data import create_transform, resolve_data_config
 from pipeline.demo import build_demo_vae
 from pipeline.weights import create_backbone
 from storage_specs.chunks import ChunkReader
+from storage_specs.reader import open_store
 from tests.conftest import SMALL, make_config, snakemake, write_config
 
 TARGETS = ("all",)
@@ -333,6 +334,13 @@ def test_validate_says_latents_pending(small_dir, tmp_path, capsys):
     assert out.splitlines() == [
         f"{config['store']}: features complete; latents pending: run `snakemake encode_latents`"
     ]
+    cli_main(["info", config["store"], "--no-classify"])
+    lines = capsys.readouterr().out.splitlines()
+    (target,) = [line for line in lines if "pixels/pixels/rgb" in line]
+    assert target.endswith("pending (group latents)  (target)")
+    raw = open_store(config["store"]).describe()["arrays"]["features/resnet18/layer4"]
+    assert lines[-1].endswith(f"raw fp32 {raw['raw_fp32_bytes'] / 2**20:.2f} MB: "
+                              f"{raw['stored_bytes'] / raw['raw_fp32_bytes']:.2f}x")  # fmt: skip
     shard = tmp_path / "store.zarr/features/resnet18/layer4/c/0/0/0/0/0"
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01
