@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.config import ConfigError, check_url, load_config, stage_groups
+from pipeline.endpoints import quiet_lost_connections, unreachable_message
 from storage_specs.layout import StoreError
 
 # The Snakemake target that finishes each stage of a store.
@@ -420,13 +421,12 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    quiet_lost_connections()
     try:
         args.fn(args)
     except (ConfigError, StoreError, ValueError) as exc:
         _fail(str(exc))
     except Exception as exc:
-        from pipeline.endpoints import unreachable_message
-
         message = unreachable_message(exc)
         if message is None:
             raise

@@ -8,6 +8,7 @@ scheme, host and port are shown, never credentials.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from urllib.parse import urlsplit
@@ -73,3 +74,20 @@ def unreachable_message(exc: BaseException) -> str | None:
         f"object store at {endpoint_of(error)} unreachable ({name}); committed shards are kept, "
         "rerun the same command once it is back"
     )
+
+
+class _LostConnectionTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of connection errors: aiohttp's
+    own request tasks end that way when the store goes away mid-request, with a traceback, while
+    the job itself already fails with one line naming the endpoint (`unreachable_message`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or _connection_error(exc) is None
+
+
+def quiet_lost_connections() -> None:
+    """Install `_LostConnectionTasks` on asyncio's logger (once); other asyncio reports stay."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _LostConnectionTasks) for f in logger.filters):
+        logger.addFilter(_LostConnectionTasks())

@@ -4,6 +4,8 @@ Nothing is mocked: endpoint, region and credentials come from the environment.""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import io
 import json
 import os
@@ -16,6 +18,7 @@ import time
 import uuid
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 import pytest
 import s3fs
@@ -24,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.cli import main as cli_main
 from pipeline.config import public_config
-from pipeline.endpoints import unreachable_message
+from pipeline.endpoints import quiet_lost_connections, unreachable_message
 from pipeline.sources import read_items
 from storage_specs.provenance import provenance, redact_url
 from storage_specs.validate import validate_store
@@ -279,6 +282,27 @@ class _Reads(IterableDataset):
 
     def __iter__(self):
         return read_items(self.uris)
+
+
+def test_lost_connections_of_unawaited_tasks_are_not_reported(caplog):
+    """aiohttp's request tasks that die with the connection are dropped from asyncio's log (the
+    job's own one-line error says it); any other unretrieved task error is still reported."""
+    quiet_lost_connections()
+
+    async def fail(exc: Exception) -> None:
+        raise exc
+
+    for exc in (aiohttp.ClientConnectionResetError("Cannot write to closing transport"),
+                KeyError("not a connection error")):  # fmt: skip
+        loop = asyncio.new_event_loop()
+        task = loop.create_task(fail(exc))
+        loop.run_until_complete(asyncio.sleep(0.01))
+        del task  # never retrieved: asyncio reports it when the task is collected
+        gc.collect()
+        loop.close()
+    reports = [r for r in caplog.records if r.name == "asyncio"]
+    assert [type(r.exc_info[1]) for r in reports] == [KeyError]
+    assert reports[0].getMessage().startswith("Task exception was never retrieved")
 
 
 def test_unreachable_store_fails_commands_in_one_line(s3, reference, monkeypatch):
