@@ -50,6 +50,7 @@ from storage_specs.codecs import (
     CANDIDATES,
     READERS,
     choose_lossless,
+    chunk_pieces,
     lossless_compressors,
     memory_shard,
     stored_bytes,
@@ -128,13 +129,12 @@ def speedups(
     passes = min(200, math.ceil(megabytes * 1e6 / data.nbytes))  # small shards: more passes
     arrays = {name: memory_shard(data, chain, chunking)[0]
               for name, chain in (("old", REFERENCES[OLD]), ("new", chosen))}  # fmt: skip
-    whole = chunking == data.shape  # prefix tokens: one chunk per shard
-    rows = [data] if whole else data.reshape(-1, *data.shape[2:])
-    chunks = [row for row in rows if row.any()]  # zarr stores no chunk of fill values
+    pieces = chunk_pieces(data, chunking)
+    chunks = [piece for piece in pieces if piece.any()]  # zarr stores no chunk of fill values
     codecs = {name: chunk_codecs(arr) for name, arr in arrays.items()}
     encoded = {name: [encode(c, chunk) for chunk in chunks] for name, c in codecs.items()}
     stored = stored_bytes(data, chosen, chunking)  # chunks, then the index: 16 bytes a chunk, crc
-    assert sum(map(len, encoded["new"])) + 16 * len(rows) + 4 == stored, "not zarr's chain"
+    assert sum(map(len, encoded["new"])) + 16 * len(pieces) + 4 == stored, "not zarr's chain"
     ops = {
         "encode": lambda name: [encode(codecs[name], chunk) for chunk in chunks],
         "decode": lambda name: [decode(codecs[name], buf) for buf in encoded[name]],
