@@ -301,7 +301,8 @@ def test_lost_connections_of_unawaited_tasks_are_not_reported(caplog):
         gc.collect()
         loop.close()
     # This test's tasks only: gc may also collect other tests' unclosed aiohttp sessions here.
-    reports = [r for r in caplog.records if r.name == "asyncio" and fail.__qualname__ in r.getMessage()]
+    reports = [r for r in caplog.records
+               if r.name == "asyncio" and fail.__qualname__ in r.getMessage()]  # fmt: skip
     assert [type(r.exc_info[1]) for r in reports] == [KeyError]
     assert reports[0].getMessage().startswith("Task exception was never retrieved")
 
