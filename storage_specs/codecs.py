@@ -20,7 +20,7 @@ Lossless chains (benchmarks/RESULTS.md, section 2), chosen per array by its data
 - ``planar`` (default): byte-shuffle, then blosc zstd level 1 with one blosc block per byte plane,
   so the noisy low-mantissa plane and the structured sign/exponent plane are entropy-coded apart
   (one zstd stream mixing both costs 5-13%).  Smallest on dense maps (linear bottlenecks, ViT
-  tokens, latents): 0.93-1.02x the best of blosc {byte, bit}-shuffle x {clevel 5, 9}, encoding
+  tokens, latents): 0.93-1.03x the best of blosc {byte, bit}-shuffle x {clevel 5, 9}, encoding
   1.3-8x faster than blosc clevel 5 bit-shuffle; level 3 where it saves more than 0.3% and
   still encodes as fast as that chain (maps of random-weight ViTs and ConvNeXts).  Level 5 runs
   that chain's own zstd level and its speed sits near it (0.85-1.5x its encode time on the arrays
