@@ -26,9 +26,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Three workers on two cores: much of the suite waits on subprocesses, servers and a SLURM
-# scheduler (tests 760 s against 872 s with two, from a clean clone); the slowest tests are
-# listed at the end, to keep the whole run under 20 minutes (the slowest groups start first:
-# tests/conftest.py).
+# Two workers: much of the suite waits on subprocesses, servers and a SLURM scheduler; the
+# slowest tests are listed at the end, to keep the whole run under 20 minutes (the slowest
+# groups start first: tests/conftest.py).
 test: lint
-	$(BIN)/pytest -n 3 --dist loadgroup --no-loadscope-reorder --durations=25
+	$(BIN)/pytest -n 2 --dist loadgroup --no-loadscope-reorder --durations=25

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-# `make test` runs three pytest-xdist workers on a 2-core machine, and the tests start subprocesses
+# `make test` runs two pytest-xdist workers on a 2-core machine, and the tests start subprocesses
 # (Snakemake jobs, `featinv train`, DataLoader workers) beside them: OpenMP's two threads per
 # process then stall waiting for each other's core (3-7x slower steps).  Each test process and
 # every process it starts computes on one thread; extraction jobs still set theirs from config.
@@ -137,11 +137,11 @@ SLOWEST = (
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: three workers, `--dist loadgroup`) a worker takes whole
+    """Under pytest-xdist (`make test`: two workers, `--dist loadgroup`) a worker takes whole
     modules, so module fixtures are built once, and all tests on one trained model, so each model
-    is trained once; the cheap shared store (`train_store`) may be built by several workers.  The
+    is trained once; the cheap shared store (`train_store`) may be built by both workers.  The
     slowest groups are handed out first (`--no-loadscope-reorder` keeps this order), so that the
-    many short ones fill in at the end and the workers finish together."""
+    many short ones fill in at the end and both workers finish together."""
     groups = {}
     for item in items:
         trained = [name for name in TRAINED if name in item.fixturenames]
