@@ -33,10 +33,10 @@ if not workflow.overwrite_configfiles:
 
 
 # One-line errors for people, from the process they started (a cluster job's Snakemake reads the
-# config that process checked, and skips loading every backbone again); snakemake's own check
-# below fills the defaults.
+# config that process checked, and skips loading every backbone again; so does the next run of the
+# same backbones); snakemake's own check below fills the defaults.
 try:
-    validate_config(config, "extract" if workflow.is_main_process else "finalize")
+    validate_config(config, "extract" if workflow.is_main_process else "finalize", remember=True)
 except ConfigError as exc:
     sys.exit(f"featinv: {exc}")
 GIVEN = json.loads(json.dumps(config))  # what the user set, before the schema's defaults
@@ -199,7 +199,7 @@ checkpoint plan:
 
 
 rule extract_shard:
-    """A run of shards of one group (pipeline.extract.shard_batches): models load once per job and
+    """A run of shards of one group (pipeline.jobs.shard_batches): models load once per job and
     each shard is committed in the store as soon as it is whole, so a rerun of a killed job redoes
     only its uncommitted shards."""
     input:
@@ -221,7 +221,7 @@ rule extract_shard:
 
 
 def shard_markers(wildcards):
-    from pipeline.extract import shard_batches
+    from pipeline.jobs import shard_batches
 
     plan = json.loads(Path(checkpoints.plan.get().output[0]).read_text())
     return [

@@ -50,7 +50,8 @@ from pipeline.config import validate_config
 from pipeline.decode import ImageLimits
 from pipeline.demo import IMAGE_SUFFIXES, TRUNCATED, build_demo_images
 from pipeline.encoders import load_encoders, resolve_views
-from pipeline.extract import extract_shards, prepare, shard_batches
+from pipeline.extract import extract_shards, prepare
+from pipeline.jobs import shard_batches
 from pipeline.memory import retain_freed_memory
 from pipeline.plan import plan_store
 from pipeline.shard_writer import ShardWriter, to_storage

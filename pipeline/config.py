@@ -9,7 +9,9 @@ object-store URLs.  Every failure is one line naming the offending value.
 from __future__ import annotations
 
 import copy
-from importlib import resources
+import hashlib
+import json
+from importlib import metadata, resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -71,13 +73,16 @@ def _where(error: jsonschema.ValidationError) -> str:
     return f"config {where}" if where else "config"
 
 
-def validate_config(config: dict, purpose: str = "extract") -> dict:
+def validate_config(config: dict, purpose: str = "extract", remember: bool = False) -> dict:
     """A copy of `config` with defaults filled, or ConfigError naming the first bad key/value.
 
     For `purpose="train"` only `store` and `training` are required and no backbone is looked at:
     training reads the store alone (a config may be nothing but those two keys); `"sample"`
     (sampling, evaluation, report, analyses) needs the store and a model to read; `"finalize"`
     checks the whole schema but, like those, builds no backbone (the plan job did).
+    `remember` (Snakemake's own process) keeps the verdict on the models and layers in
+    `work_dir/checked-backbones`: the next `snakemake` of the same backbones, with the same featinv,
+    timm and torch, skips importing timm and building the models (seconds of every start).
     """
     config = copy.deepcopy(config)
     schema = load_schema()
@@ -92,7 +97,8 @@ def validate_config(config: dict, purpose: str = "extract") -> dict:
     _check_ood(config.get("robustness", {}).get("ood", []))
     if purpose != "extract":  # only extraction builds the backbones: the rest reads the store
         return config
-    _check_backbones(config["backbones"])
+    verdicts = Path(config["work_dir"]) / "checked-backbones" if remember else None
+    _check_backbones(config["backbones"], verdicts)
     _check_targets(config["targets"], {entry["name"] for entry in config["backbones"]})
     return config
 
@@ -118,16 +124,33 @@ def weights_kind(weights: str) -> str:
     raise ValueError(f"unknown weights {weights!r}; accepted: {ACCEPTED}")
 
 
-def _check_backbones(backbones: list[dict]) -> None:
+def _check_backbones(backbones: list[dict], verdicts: Path | None = None) -> None:
     for i, entry in enumerate(backbones):  # before torch and timm, whose import costs seconds
         _check_weights(f"config backbones[{i}].weights", entry["weights"])
+    _check_unique("backbones", [entry["name"] for entry in backbones])
+    passed = verdicts / _verdict_name(backbones) if verdicts else None
+    if passed is not None and passed.exists():
+        return
+    _check_models(backbones)
+    if passed is not None:
+        passed.parent.mkdir(parents=True, exist_ok=True)
+        passed.touch()
+
+
+def _verdict_name(backbones: list[dict]) -> str:
+    """The entries and the versions of what judged them: a verdict holds for exactly these."""
+    versions = {name: metadata.version(name) for name in ("featinv", "timm", "torch")}
+    return hashlib.sha256(json.dumps([backbones, versions], sort_keys=True).encode()).hexdigest()
+
+
+def _check_models(backbones: list[dict]) -> None:
+    """Known timm models with the named layers, and compression settings that build."""
     import timm
     import torch
 
     from pipeline.backbones import check_layer
     from storage_specs.codecs import compression_codecs
 
-    _check_unique("backbones", [entry["name"] for entry in backbones])
     for i, entry in enumerate(backbones):
         name = entry["name"]
         if not timm.is_model(name):

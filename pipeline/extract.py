@@ -1,6 +1,6 @@
 """Extract shards of one group: decode -> views -> prepare -> encode -> write -> commit.
 
-One job extracts a contiguous run of shards (`shard_batches`): its decode workers start once, on
+One job extracts a contiguous run of shards (`pipeline.jobs`): its decode workers start once, on
 the encoders' preprocessing (which needs no weights), and its models load meanwhile.  Images are
 read and decoded once, in DataLoader worker processes that overlap with the forward passes; each
 encoder of the group (backbones, targets) prepares its inputs for every view of the sample there.
@@ -17,7 +17,7 @@ import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice, pairwise
+from itertools import islice
 
 import numpy as np
 import torch
@@ -195,21 +195,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-JOB_SAMPLES = 2048  # per extraction job, about (Snakemake rule extract_shard, run_all)
-
-
-def shard_batches(n_shards: int, shard_size: int) -> list[tuple[int, int]]:
-    """The shards of a group as contiguous (first, last) runs, one job each: as few jobs as
-    JOB_SAMPLES per job allows (at least a shard each), of near-equal sizes; the same for a
-    given store on every run.  A job's own costs (process and model start, decode workers, the
-    first pass over fresh memory: about half a second here) vanish in a job of this size,
-    whatever the shard size; each shard still commits on its own."""
-    per_job = max(1, JOB_SAMPLES // shard_size)
-    jobs = -(-n_shards // per_job)
-    bounds = [job * n_shards // jobs for job in range(jobs + 1)]
-    return [(first, stop - 1) for first, stop in pairwise(bounds)]
 
 
 def group_arrays(root: zarr.Group, group: str) -> dict[str, zarr.Array]:

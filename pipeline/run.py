@@ -5,8 +5,9 @@ functions as separate, resumable, parallel jobs (the same runs of shards per job
 
 from __future__ import annotations
 
-from pipeline.extract import extract_shards, shard_batches
+from pipeline.extract import extract_shards
 from pipeline.finalize import finalize_store
+from pipeline.jobs import shard_batches
 from pipeline.plan import plan_store
 
 

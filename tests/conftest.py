@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -124,6 +126,30 @@ def snakemake(
     if kwargs.pop("background", False):
         return subprocess.Popen(cmd, env=env, start_new_session=True, **kwargs)
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, **kwargs)
+
+
+def featinv(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """`featinv ...` as users run it: a separate process (for what only a process shows: its exit
+    and output after a kill, the interpreter's own start-up)."""
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
+                          text=True, timeout=600, **kwargs)  # fmt: skip
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """`featinv ...` in this process: the same parsing, dispatch, output and one-line errors
+    (`pipeline.cli.main`), without a process start and its imports (about 7 s each here)."""
+    from pipeline.cli import main
+
+    out, err, hook = io.StringIO(), io.StringIO(), sys.unraisablehook
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main(list(args))
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.unraisablehook = hook  # an error silences the exit's teardown reports: not ours
+    return subprocess.CompletedProcess(["featinv", *args], code, out.getvalue(), err.getvalue())
 
 
 # Session fixtures that train a model: all tests on one of them run on one worker.

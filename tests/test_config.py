@@ -152,3 +152,21 @@ def test_credentials_never_recorded():
     assert redact_url("s3://key:secret@bucket/x.zarr") == "s3://bucket/x.zarr"
     assert redact_url("https://u:p@host:9000/a") == "https://host:9000/a"
     assert redact_url("/local/path") == "/local/path"
+
+
+def test_snakemake_keeps_the_verdict_on_the_same_backbones(tmp_path):
+    """Snakemake's own process checks models and layers once per set of backbones (timm's import
+    and the model builds cost seconds of every start); other backbones are checked afresh."""
+    config = {**GOOD, "work_dir": str(tmp_path / "work")}
+    validate_config(config, remember=True)
+    (verdict,) = (tmp_path / "work/checked-backbones").iterdir()
+    again = subprocess.run(
+        [sys.executable, "-c", "import sys; from pipeline.config import validate_config; "
+         f"validate_config({config!r}, remember=True); print('timm' in sys.modules)"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert again.stdout.strip() == "False", again.stderr
+    bad = {**config, "backbones": [{"name": "resnet18", "layers": ["layer9"]}]}
+    with pytest.raises(ConfigError, match=r"backbones\[0\].layers: backbone resnet18 has no"):
+        validate_config(bad, remember=True)
+    assert list((tmp_path / "work/checked-backbones").iterdir()) == [verdict]

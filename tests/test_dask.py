@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.cli import main
 from storage_specs.compute import dask_client
 from storage_specs.export import export_webdataset
 from storage_specs.validate import validate_store
-from tests.conftest import build_store, make_config
+from tests.conftest import build_store, cli, make_config
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 BACKBONES = [
@@ -48,16 +47,6 @@ def scheduler(s3_server) -> str:
         yield cluster.scheduler_address
 
 
-def _featinv(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def _assert_same_stats(stats: dict, expected: dict) -> None:
     assert stats.keys() == expected.keys()
     for path, values in stats.items():
@@ -65,20 +54,21 @@ def _assert_same_stats(stats: dict, expected: dict) -> None:
             np.testing.assert_allclose(values[name], expected[path][name], rtol=1e-12, atol=0)
 
 
-def test_stats_equal_the_finalised_ones(store, scheduler, capsys, tmp_path):
+def test_stats_equal_the_finalised_ones(store, scheduler, tmp_path):
     root = zarr.open_group(store, mode="r")
     finalised = {path: root[path].attrs["channel_stats"] for path in ARRAYS}
-    code, out, _ = _featinv(capsys, "stats", store, "--dask-scheduler", scheduler)
-    assert code == 0
-    _assert_same_stats(json.loads(out), finalised)
+    done = cli("stats", store, "--dask-scheduler", scheduler)
+    assert done.returncode == 0, done.stderr
+    _assert_same_stats(json.loads(done.stdout), finalised)
 
     copy = tmp_path / "copy.zarr"
     shutil.copytree(store, copy)
     arr = zarr.open_array(copy / ARRAYS[1], mode="r+")
     del arr.attrs["channel_stats"]
     # By default on a LocalCluster of its own.
-    code, out, err = _featinv(capsys, "stats", str(copy), "--array", ARRAYS[1], "--write")
-    assert code == 0 and list(json.loads(out)) == [ARRAYS[1]] and "wrote" in err
+    done = cli("stats", str(copy), "--array", ARRAYS[1], "--write")
+    assert done.returncode == 0 and list(json.loads(done.stdout)) == [ARRAYS[1]], done.stderr
+    assert "wrote" in done.stderr
     consolidated = zarr.open_group(str(copy), mode="r")[ARRAYS[1]].attrs  # the refreshed snapshot
     _assert_same_stats(
         {ARRAYS[1]: consolidated["channel_stats"]}, {ARRAYS[1]: finalised[ARRAYS[1]]}
@@ -98,7 +88,7 @@ def _corrupt(store: str, tmp_path: Path) -> str:
     return str(copy)
 
 
-def test_validate_finds_the_same_problems(store, scheduler, tmp_path, capsys):
+def test_validate_finds_the_same_problems(store, scheduler, tmp_path):
     broken = _corrupt(store, tmp_path)
     local = validate_store(broken)
     with dask_client(scheduler) as client:
@@ -112,9 +102,9 @@ def test_validate_finds_the_same_problems(store, scheduler, tmp_path, capsys):
     assert "unreadable" in local[0] and "NaN" in local[1] and "checksum" in local[2]
     scheduler_file = tmp_path / "scheduler.json"  # what `dask scheduler --scheduler-file` writes
     scheduler_file.write_text(json.dumps({"type": "Scheduler", "address": scheduler}))
-    code, _, err = _featinv(capsys, "validate", broken, "--dask-scheduler", str(scheduler_file))
-    assert code == 1
-    assert [line for line in err.splitlines() if "INVALID" in line] == [
+    done = cli("validate", broken, "--dask-scheduler", str(scheduler_file))
+    assert done.returncode == 1
+    assert [line for line in done.stderr.splitlines() if "INVALID" in line] == [
         f"INVALID {p}" for p in local
     ]
 
@@ -143,23 +133,24 @@ def test_export_writes_the_same_samples(store, scheduler, tmp_path):
     assert len(keys) == 8 * 2 and keys[:2] == ["animals/chelsea/v0", "animals/chelsea/v1"]
 
 
-def test_stats_and_validation_of_a_store_on_s3(store, scheduler, s3_bucket, s3, capsys):
+def test_stats_and_validation_of_a_store_on_s3(store, scheduler, s3_bucket, s3):
     url = f"{s3_bucket}/store.zarr"
     s3.filesystem().put(f"{store}/", f"{url.removeprefix('s3://')}/", recursive=True)
-    code, out, err = _featinv(capsys, "stats", url, "--dask-scheduler", scheduler)
-    assert code == 0
+    stats = cli("stats", url, "--dask-scheduler", scheduler)
+    assert stats.returncode == 0, stats.stderr
     root = zarr.open_group(store, mode="r")
-    _assert_same_stats(json.loads(out), {p: root[p].attrs["channel_stats"] for p in ARRAYS})
-    code, out, err = _featinv(capsys, "validate", url, "--dask-scheduler", scheduler)
-    assert code == 0 and f"{url}: valid" in out
-    for secret in (ACCESS_KEY, SECRET_KEY):
-        assert secret not in out + err
+    finalised = {path: root[path].attrs["channel_stats"] for path in ARRAYS}
+    _assert_same_stats(json.loads(stats.stdout), finalised)
+    valid = cli("validate", url, "--dask-scheduler", scheduler)
+    assert valid.returncode == 0 and f"{url}: valid" in valid.stdout
+    said = "".join(done.stdout + done.stderr for done in (stats, valid))
+    assert ACCESS_KEY not in said and SECRET_KEY not in said
 
 
-def test_unreachable_scheduler_is_one_line(store, capsys):
+def test_unreachable_scheduler_is_one_line(store):
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-    code, out, err = _featinv(capsys, "stats", store, "--dask-scheduler", address)
-    assert code == 2 and not out
-    assert len(err.strip().splitlines()) == 1 and address in err
+    done = cli("stats", store, "--dask-scheduler", address)
+    assert done.returncode == 2 and not done.stdout
+    assert len(done.stderr.strip().splitlines()) == 1 and address in done.stderr

@@ -19,7 +19,8 @@ from sampling.guided import FeatureDistance, guided_decode, rescaled_clipped
 from sampling.priors import load_prior
 from sampling.sampler import seeded
 from storage_specs.samples import SamplesStore, validate_samples
-from tests.test_training import featinv, write
+from tests.conftest import cli
+from tests.test_training import write
 
 
 def test_rescaling_and_clipping_match_their_definitions():
@@ -129,7 +130,7 @@ def test_guided_decode_command_writes_a_samples_store_the_evaluation_scores(demo
     # math may differ in its last bits with the batch's composition: a pixel off by one).
     spec = guided_config(train_store, demo_run[0], tmp_path / "out", batch_size=1)
     config = write(tmp_path / "guided.yaml", spec)
-    done = featinv("guided-decode", str(config), "--out", str(tmp_path / "marker.json"))
+    done = cli("guided-decode", str(config), "--out", str(tmp_path / "marker.json"))
     assert done.returncode == 0, done.stderr
     url = json.loads((tmp_path / "marker.json").read_text())["samples"]
     assert url.endswith("guided.zarr") and validate_samples(url) == []
@@ -146,11 +147,11 @@ def test_guided_decode_command_writes_a_samples_store_the_evaluation_scores(demo
     root["done"][1:] = False
     for method in store.methods:
         root[f"reconstructions/{method}"][1:] = 0
-    assert featinv("guided-decode", str(config)).returncode == 0
+    assert cli("guided-decode", str(config)).returncode == 0
     for method, images in before.items():
         np.testing.assert_array_equal(SamplesStore(url).images(method), images)
 
-    done = featinv("evaluate", str(config))
+    done = cli("evaluate", str(config))
     assert done.returncode == 0, done.stderr
     evaluation = json.loads((tmp_path / "out" / "demo" / "evaluation.json").read_text())
     methods = evaluation["methods"]
@@ -164,16 +165,14 @@ def test_bad_targets_fail_in_one_line_naming_both_shapes(demo_run, train_store, 
     )
     bad = tmp_path / "bad.npy"
     np.save(bad, np.zeros((2, 7, 7, 192), np.float32))  # channels last: a common slip
-    done = featinv("guided-decode", str(config), "--targets", str(bad), "--to", str(tmp_path / "x"))
+    done = cli("guided-decode", str(config), "--targets", str(bad), "--to", str(tmp_path / "x"))
     assert done.returncode == 2
     line = done.stderr.strip()
     assert "\n" not in line and "(2, 7, 7, 192)" in line and "(192, 7, 7)" in line, line
 
     good = tmp_path / "good.npy"
     np.save(good, np.random.default_rng(0).normal(size=(192, 7, 7)).astype(np.float32))
-    done = featinv(
-        "guided-decode", str(config), "--targets", str(good), "--to", str(tmp_path / "x")
-    )
+    done = cli("guided-decode", str(config), "--targets", str(good), "--to", str(tmp_path / "x"))
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "x" / "guided.json").read_text())
     assert record["passes"] == [[4]] and (tmp_path / "x" / "target0000_0.png").is_file()

@@ -21,7 +21,7 @@ from pipeline.demo import build_demo_vae
 from pipeline.weights import create_backbone
 from storage_specs.chunks import ChunkReader
 from storage_specs.reader import open_store
-from tests.conftest import SMALL, make_config, snakemake, write_config
+from tests.conftest import SMALL, featinv, make_config, snakemake, write_config
 
 TARGETS = ("all",)
 # A few steps of a tiny model: the rule, its inputs and outputs, not the learning (test_training).
@@ -286,17 +286,11 @@ def test_rerun_of_finished_store_does_nothing(run):
     assert {p: p.stat().st_mtime_ns for p in (tmp / "store.zarr").rglob("*")} == before
 
 
-def _featinv(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True
-    )
-
-
 def test_validate_and_info_cli(run):
     config, _, _ = run
-    ok = _featinv("validate", config["store"])
+    ok = featinv("validate", config["store"])
     assert ok.returncode == 0 and "valid" in ok.stdout
-    info = _featinv("info", config["store"], "--no-classify")
+    info = featinv("info", config["store"], "--no-classify")
     assert info.returncode == 0 and "features/efficientnet_lite0/bn2" in info.stdout
 
 
@@ -308,7 +302,7 @@ def test_flipped_byte_fails_validation(run, tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 3] ^= 0x01
     shard.write_bytes(bytes(data))
-    bad = _featinv("validate", str(store))
+    bad = featinv("validate", str(store))
     assert bad.returncode == 1
     assert "features/efficientnet_lite0/blocks.3 shard 1" in bad.stderr
     assert "features/efficientnet_lite0/bn2" not in bad.stderr

@@ -13,16 +13,9 @@ import pytest
 import torch
 
 from pipeline.config import validate_config
-from pipeline.extract import (
-    JOB_SAMPLES,
-    extract_shard,
-    extract_shards,
-    joined,
-    pack,
-    shard_batches,
-    unpack,
-)
+from pipeline.extract import extract_shard, extract_shards, joined, pack, unpack
 from pipeline.finalize import finalize_store
+from pipeline.jobs import JOB_SAMPLES, shard_batches
 from pipeline.plan import plan_store
 from storage_specs.layout import StoreError
 from storage_specs.validate import validate_store

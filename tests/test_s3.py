@@ -12,7 +12,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 import uuid
@@ -31,7 +30,7 @@ from pipeline.endpoints import quiet_lost_connections, unreachable_message
 from pipeline.sources import read_items
 from storage_specs.provenance import provenance, redact_url
 from storage_specs.validate import validate_store
-from tests.conftest import SMALL, make_config, snakemake, store_objects, write_config
+from tests.conftest import SMALL, featinv, make_config, snakemake, store_objects, write_config
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 # Small and fast: 9 photos (one truncated) in 9 shards (two jobs of 5 and 4: a run is caught
@@ -58,12 +57,6 @@ def _bucket_path(url: str) -> str:
 
 def _commits(fs, store: str) -> int:
     return len(fs.glob(f"{_bucket_path(store)}/commits/main/*/zarr.json"))
-
-
-def _featinv(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, timeout=600
-    )
 
 
 def _run_until(proc: subprocess.Popen, done, timeout: float) -> bool:
@@ -123,7 +116,7 @@ def test_full_run_on_s3(s3, reference):
     assert store.startswith("s3://")
     assert not list(tmp.glob("s3*")) and not Path("s3:").exists()  # no local "s3:/..." folder
 
-    ok = _featinv("validate", store)
+    ok = featinv("validate", store)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert f"{store}: valid" in ok.stdout
 
@@ -239,7 +232,7 @@ def test_validate_names_flipped_shard_on_s3(s3, reference):
     data[len(data) // 3] ^= 0x01
     fs.pipe_file(shard, bytes(data))
 
-    bad = _featinv("validate", f"s3://{copy}")
+    bad = featinv("validate", f"s3://{copy}")
     assert bad.returncode == 1, bad.stdout + bad.stderr
     assert "features/resnet18/layer4 shard 1" in bad.stderr
     assert "features/resnet18/layer2" not in bad.stderr
@@ -318,7 +311,7 @@ def test_unreachable_store_fails_commands_in_one_line(s3, reference, monkeypatch
         ["plan", str(tmp / "config.yaml")],
         ["extract-shard", str(tmp / "config.yaml"), "--shard", "0"],
     ):
-        result = _featinv(*args)
+        result = featinv(*args)
         assert result.returncode == 2, result.stderr[-3000:]
         assert result.stderr.splitlines() == [
             f"featinv: error: object store at {s3.endpoint} unreachable (EndpointConnectionError);"

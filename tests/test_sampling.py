@@ -16,7 +16,8 @@ from sampling.reconstruct import Reconstructor
 from sampling.sampler import guided, make_scheduler, sample, seeded
 from storage_specs.layout import StoreError
 from storage_specs.samples import SamplesStore, validate_samples
-from tests.test_training import featinv, write
+from tests.conftest import cli
+from tests.test_training import write
 
 
 def sampling_config(store: str, model, out, **sampling) -> dict:
@@ -84,7 +85,7 @@ def test_sample_store_validates_resumes_and_refuses_other_settings(demo_run, tra
     out = sample_run(config, progress=False)
     url = str(out / "samples.zarr")
     assert validate_samples(url) == []
-    done = featinv("validate", url)
+    done = cli("validate", url)
     assert done.returncode == 0 and "valid" in done.stdout, done.stderr
     store = SamplesStore(url)
     assert set(store.methods) == {"model", "unconditional", "nearest"}
@@ -125,7 +126,7 @@ def test_evaluation_scores_the_model_against_its_baselines(demo_run, train_store
     config = sampling_config(train_store, demo_run[0], tmp_path, n=2, limit=None)
     path = write(tmp_path / "config.yaml", config)
     for command in ("sample", "evaluate"):
-        done = featinv(command, str(path))
+        done = cli(command, str(path))
         assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / demo_run[0].name / "evaluation.json").read_text())
     methods = result["methods"]

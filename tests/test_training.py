@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from pipeline.config import validate_config
 from pipeline.demo import build_demo_sd
 from storage_specs.split import heldout_mask
+from tests.conftest import cli, featinv
 from training.data import EpochBatches, Position, open_training_data
 
 FEATURES = "features/efficientnet_lite0/blocks.5"
@@ -41,11 +42,6 @@ def training_config(store: str, out: Path, **training) -> dict:
 def write(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def featinv(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True,
-                          text=True, timeout=600, **kwargs)  # fmt: skip
 
 
 def model_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -280,7 +276,7 @@ def test_training_from_s3_equals_training_from_disk(train_store, tmp_path, s3_bu
     for name, store in (("disk", train_store), ("s3", url)):
         config = write(tmp_path / f"{name}.yaml",
                        training_config(store, tmp_path, run=name, **settings))  # fmt: skip
-        result = featinv("train", str(config))
+        result = cli("train", str(config))
         assert result.returncode == 0, result.stderr[-2000:]
     assert_same_weights(model_weights(tmp_path / "disk"), model_weights(tmp_path / "s3"))
     record = json.loads((tmp_path / "s3/featinv_training.json").read_text())
