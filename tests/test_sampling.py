@@ -121,8 +121,9 @@ def test_sample_store_validates_resumes_and_refuses_other_settings(demo_run, tra
 
 def test_evaluation_scores_the_model_against_its_baselines(demo_run, train_store, tmp_path,
                                                            capsys):  # fmt: skip
-    """Through the CLI, as users run it: the condition is worth something in the backbone's own
-    feature space, and every metric is either a number or one line saying why not."""
+    """Through the CLI (`featinv sample`, then `featinv evaluate`): the condition is worth
+    something in the backbone's own feature space, and every metric is either a number or one
+    line saying why not."""
     config = sampling_config(train_store, demo_run[0], tmp_path, n=2, limit=None)
     path = write(tmp_path / "config.yaml", config)
     for command in ("sample", "evaluate"):

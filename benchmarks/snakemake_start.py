@@ -1,0 +1,81 @@
+"""`snakemake extract_features` on a finished store ("Nothing to be done"), with the backbone
+check's verdict kept in work_dir against the same command re-checking the backbones.
+
+Subject: the rerun as it is (Snakemake's own process finds the verdict in
+``work_dir/checked-backbones`` and never imports torch). Baseline: the same rerun after removing
+that folder, so the process imports timm and builds every backbone on the meta device to check
+its layers, as each rerun, ``--unlock`` and dry run did before. Both are whole ``snakemake``
+processes, started alternately (subject, baseline, baseline, subject, ...) so that drifting load
+hits both. Prints each side's median seconds and the ratio baseline / subject.
+
+Usage: ``.venv/bin/python benchmarks/snakemake_start.py [--pairs 4] [--json PATH]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+from record import write_result
+
+from pipeline.demo import build_demo_images
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo config's three backbones at their layers, on two photos: a quick first run.
+BACKBONES = yaml.safe_load((REPO / "config/config.yaml").read_text())["backbones"]
+
+
+def snakemake(folder: Path, *args: str) -> float:
+    """Seconds of one `snakemake extract_features` in `folder`; fails loudly if it fails."""
+    start = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-m", "snakemake", "extract_features", "-s", str(REPO / "Snakefile"),
+         "--directory", str(folder), "--configfile", str(folder / "config.yaml"), *args],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return time.perf_counter() - start
+
+
+def finished_store(folder: Path) -> None:
+    """Two demo photos through the demo's backbones, extracted by Snakemake once."""
+    build_demo_images(str(folder / "demo"))
+    for extra in sorted((folder / "demo").rglob("*.*"))[2:]:
+        extra.unlink()
+    config = {"source": str(folder / "demo"), "store": str(folder / "store.zarr"),
+              "work_dir": str(folder / "work"), "shard_size": 2,
+              "backbones": BACKBONES}  # fmt: skip
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    snakemake(folder, "--cores", "2")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=4)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        finished_store(folder)
+        seconds = {"kept": [], "rechecked": []}
+        for pair in range(args.pairs):
+            for side in ("kept", "rechecked") if pair % 2 == 0 else ("rechecked", "kept"):
+                if side == "rechecked":
+                    shutil.rmtree(folder / "work/checked-backbones")
+                seconds[side].append(snakemake(folder, "--cores", "1"))
+    medians = {side: statistics.median(times) for side, times in seconds.items()}
+    for side, times in seconds.items():
+        print(f"{side:9s} median {medians[side]:.2f} s  ({', '.join(f'{t:.2f}' for t in times)})")
+    ratio = medians["rechecked"] / medians["kept"]
+    print(f"rerun of a finished store: {ratio:.2f}x faster with the verdict kept")
+    write_result(args.json, "snakemake_start", {"seconds": seconds, "ratio": ratio})
+
+
+if __name__ == "__main__":
+    main()
