@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from importlib import metadata, resources
+from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -20,7 +20,7 @@ import jsonschema
 import yaml
 
 from pipeline.endpoints import unreachable_message
-from storage_specs.provenance import redact_url
+from storage_specs.provenance import package_versions, redact_url
 
 SCHEMA_PATH = Path(str(resources.files("pipeline") / "config.schema.yaml"))
 
@@ -139,7 +139,7 @@ def _check_backbones(backbones: list[dict], verdicts: Path | None = None) -> Non
 
 def _verdict_name(backbones: list[dict]) -> str:
     """The entries and the versions of what judged them: a verdict holds for exactly these."""
-    versions = {name: metadata.version(name) for name in ("featinv", "timm", "torch")}
+    versions = package_versions(("featinv", "timm", "torch"))
     return hashlib.sha256(json.dumps([backbones, versions], sort_keys=True).encode()).hexdigest()
 
 

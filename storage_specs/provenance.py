@@ -20,19 +20,24 @@ PACKAGES = ("featinv", "torch", "timm", "zarr", "numcodecs", "numpy", "pillow", 
 
 def provenance(config: dict) -> dict:
     """Time, featinv's git revision, Python and package versions, and the config (redacted)."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
     return {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "git_revision": _git_revision(),
         "python": platform.python_version(),
-        "packages": versions,
+        "packages": package_versions(PACKAGES),
         "config": _redacted(config),
     }
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """The installed version of each distribution; None for one that is not installed."""
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def redact_url(url: str) -> str:
