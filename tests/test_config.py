@@ -10,7 +10,7 @@ import yaml
 
 from pipeline.config import ConfigError, load_config, validate_config, with_credentials
 from storage_specs.provenance import redact_uri, redact_url
-from tests.conftest import snakemake
+from tests.conftest import featinv, snakemake
 
 GOOD = {
     "source": "data/demo",
@@ -125,13 +125,9 @@ def test_config_files(tmp_path):
 def test_cli_and_snakemake_stop_with_one_line(tmp_path, change, message):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump({**GOOD, **change}))
-    cli = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "check-config", str(path)],
-        capture_output=True,
-        text=True,
-    )
-    assert cli.returncode == 2
-    assert cli.stderr.strip() == f"featinv: error: {message}"
+    check = featinv("check-config", str(path))
+    assert check.returncode == 2
+    assert check.stderr.strip() == f"featinv: error: {message}"
     run = snakemake(path, tmp_path, "--cores", "1")
     assert run.returncode != 0
     assert f"featinv: {message}" in run.stderr and "Traceback" not in run.stderr

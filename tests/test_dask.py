@@ -47,6 +47,12 @@ def scheduler(s3_server) -> str:
         yield cluster.scheduler_address
 
 
+def _finalised_stats(store: str) -> dict:
+    """The channel statistics finalize wrote, by array."""
+    root = zarr.open_group(store, mode="r")
+    return {path: root[path].attrs["channel_stats"] for path in ARRAYS}
+
+
 def _assert_same_stats(stats: dict, expected: dict) -> None:
     assert stats.keys() == expected.keys()
     for path, values in stats.items():
@@ -55,8 +61,7 @@ def _assert_same_stats(stats: dict, expected: dict) -> None:
 
 
 def test_stats_equal_the_finalised_ones(store, scheduler, tmp_path):
-    root = zarr.open_group(store, mode="r")
-    finalised = {path: root[path].attrs["channel_stats"] for path in ARRAYS}
+    finalised = _finalised_stats(store)
     done = cli("stats", store, "--dask-scheduler", scheduler)
     assert done.returncode == 0, done.stderr
     _assert_same_stats(json.loads(done.stdout), finalised)
@@ -138,9 +143,7 @@ def test_stats_and_validation_of_a_store_on_s3(store, scheduler, s3_bucket, s3):
     s3.filesystem().put(f"{store}/", f"{url.removeprefix('s3://')}/", recursive=True)
     stats = cli("stats", url, "--dask-scheduler", scheduler)
     assert stats.returncode == 0, stats.stderr
-    root = zarr.open_group(store, mode="r")
-    finalised = {path: root[path].attrs["channel_stats"] for path in ARRAYS}
-    _assert_same_stats(json.loads(stats.stdout), finalised)
+    _assert_same_stats(json.loads(stats.stdout), _finalised_stats(store))
     valid = cli("validate", url, "--dask-scheduler", scheduler)
     assert valid.returncode == 0 and f"{url}: valid" in valid.stdout
     said = "".join(done.stdout + done.stderr for done in (stats, valid))
