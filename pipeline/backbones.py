@@ -16,6 +16,7 @@ import timm
 import torch
 from PIL import Image
 from timm.data import resolve_data_config
+from timm.layers import to_2tuple
 from torchvision.transforms.functional import normalize
 
 from pipeline.views import render_views
@@ -158,25 +159,55 @@ def _fixed_patch_grid(model: torch.nn.Module, input_hw: tuple[int, int]) -> bool
 
 
 def load_backbone(spec: BackboneSpec, seed: int = 0, device: str = "cpu") -> Backbone:
-    model, weights = create_backbone(spec.name, spec.weights, seed=seed)
+    model, weights, data_config = _built(spec, spec.weights, seed)
+    return Backbone(spec, model.to(device).eval(), weights, data_config)
+
+
+def check_layouts(spec: BackboneSpec) -> None:
+    """ValueError unless every layer exists and emits what the store holds (a map, or tokens on
+    the patch grid): a forward pass on the meta device, shapes without weights or data, so that
+    the config check refuses a layer in one line instead of the plan job in a traceback."""
+    with torch.device("meta"):
+        model, _, data_config = _built(spec, "random", 0)
+        try:
+            LayerTaps(model.eval(), spec.layers)(torch.zeros(1, *data_config["input_size"]))
+        except ValueError:
+            raise
+        except Exception:  # an op meta tensors cannot run (data-dependent): the plan's real
+            return  # forward on a blank image checks these layers, with the same errors
+
+
+def _built(
+    spec: BackboneSpec, weights: str, seed: int
+) -> tuple[torch.nn.Module, WeightsInfo, dict]:
+    """The model with ``weights``, its layers checked, and its resolved data config; ViT-style
+    models built for another image size are rebuilt for the configured one."""
+    model, info = create_backbone(spec.name, weights, seed=seed)
     for layer in spec.layers:
         check_layer(model, spec.name, layer)
     data_config = resolve_preprocessing(model, spec.preprocessing)
     input_hw = tuple(data_config["input_size"][1:])
     if _fixed_patch_grid(model, input_hw):
-        model, weights = create_backbone(spec.name, spec.weights, seed=seed, img_size=input_hw)
-    return Backbone(spec, model.to(device).eval(), weights, data_config)
+        model, info = create_backbone(spec.name, weights, seed=seed, img_size=input_hw)
+    return model, info, data_config
 
 
 def check_layer(model: torch.nn.Module, name: str, layer: str) -> None:
-    """Fail with the layer names a user would pick from, not a bare AttributeError."""
+    """Fail with the layer names a user would pick from, not a bare AttributeError or a layer
+    that never runs."""
     try:
-        model.get_submodule(layer)
+        module = model.get_submodule(layer)
     except AttributeError:
         top = [n for n, _ in model.named_children()]
         raise ValueError(
             f"backbone {name} has no layer '{layer}' (top-level modules: {', '.join(top)})"
         ) from None
+    if isinstance(module, torch.nn.ModuleList | torch.nn.ModuleDict):  # no forward of their own
+        inner = ", ".join(f"{layer}.{child}" for child, _ in module.named_children())
+        raise ValueError(
+            f"backbone {name} layer '{layer}' is a {type(module).__name__}, which the forward "
+            f"pass never calls: name one of its modules ({inner})"
+        )
 
 
 class _StopForward(Exception):
@@ -213,9 +244,15 @@ class LayerTaps:
                 handle.remove()
         missing = [layer for layer in self.layers if layer not in captured]
         if missing:
-            raise RuntimeError(f"layers {missing} did not run in the forward pass")
-        hw = tuple(x.shape[-2:])
-        return {layer: to_grid(self.model, captured[layer], hw) for layer in self.layers}
+            raise ValueError(f"layers {missing} did not run in the forward pass")
+        return {layer: self._grid(layer, captured[layer], tuple(x.shape[-2:]))
+                for layer in self.layers}  # fmt: skip
+
+    def _grid(self, layer: str, out: torch.Tensor, input_hw: tuple[int, int]) -> tuple:
+        try:
+            return to_grid(self.model, out, input_hw)
+        except ValueError as exc:
+            raise ValueError(f"layer '{layer}': {exc}") from None
 
 
 def to_grid(
@@ -246,14 +283,20 @@ def _tokens_to_grid(
     model: torch.nn.Module, tokens: torch.Tensor, input_hw: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, length, channels = tokens.shape
-    n_prefix = getattr(model, "num_prefix_tokens", 0)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is None:
-        raise ValueError(f"{type(model).__name__} emits tokens but has no patch_embed.patch_size")
-    h, w = input_hw[0] // patch[0], input_hw[1] // patch[1]
-    if h * w != length - n_prefix:
+    if patch is None:  # no raster order to rely on (Hiera's tokens, for one, are not)
         raise ValueError(
-            f"{length} tokens do not form a {h}x{w} grid plus {n_prefix} prefix tokens"
+            f"{type(model).__name__} emits {length} tokens but has no patch_embed.patch_size to "
+            "place them on a grid: pick a layer that emits a [C, y, x] map"
+        )
+    patch = to_2tuple(patch)
+    h, w = input_hw[0] // patch[0], input_hw[1] // patch[1]
+    # CaiT and XCiT add their class token after the patch blocks: those blocks have none
+    n_prefix = length - h * w
+    if n_prefix not in (0, getattr(model, "num_prefix_tokens", 0)):
+        raise ValueError(
+            f"{length} tokens do not form a {h}x{w} grid plus "
+            f"{getattr(model, 'num_prefix_tokens', 0)} prefix tokens"
         )
     grid = tokens[:, n_prefix:].reshape(n, h, w, channels).permute(0, 3, 1, 2)
     return grid, (tokens[:, :n_prefix] if n_prefix else None)

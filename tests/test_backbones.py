@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import timm
 import torch
 
-from pipeline.backbones import BackboneSpec, LayerTaps, load_backbone, probe_shapes, to_grid
+from pipeline.backbones import (
+    BackboneSpec,
+    LayerTaps,
+    check_layouts,
+    load_backbone,
+    probe_shapes,
+    to_grid,
+)
 from pipeline.extract import pick_device
 
 X = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -36,6 +45,35 @@ def test_register_tokens_are_prefix():
     assert prefix.shape == (1, 4, 320)  # 4 registers, no class token
     assert grid.shape == (1, 320, 16, 16)
     torch.testing.assert_close(grid, ref)
+
+
+@pytest.mark.parametrize("name", ["cait_xxs24_224", "xcit_nano_12_p16_224"])
+def test_patch_blocks_before_the_class_token_have_no_prefix(name):
+    """CaiT and XCiT add their class token after the patch blocks (num_prefix_tokens is 1)."""
+    model = _model(name)
+    with torch.inference_mode():
+        grid, prefix = LayerTaps(model, ("blocks.3",))(X)["blocks.3"]
+        (ref,) = model.forward_intermediates(X, indices=[3], intermediates_only=True)
+    assert prefix is None and grid.shape[2:] == (14, 14)
+    torch.testing.assert_close(grid, ref)
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "message"),
+    [
+        ("twins_svt_small", "blocks.1", "'blocks.1' is a ModuleList, which the forward pass never"),
+        ("hiera_tiny_224", "blocks.5", "Hiera emits 196 tokens but has no patch_embed.patch_size"),
+        ("crossvit_tiny_240", "blocks.0", "CrossVit emits 401 tokens but has no patch_embed"),
+        ("vit_tiny_patch16_224", "head", "layer 'head': cannot store a layer output of shape"),
+    ],
+)
+def test_layers_the_store_cannot_hold_are_refused_without_weights(name, layer, message):
+    spec = BackboneSpec(name, "random", (layer,))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_layouts(spec)
+    # the same verdict from the real model on a real-size input (the plan's forward)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        probe_shapes(load_backbone(spec))
 
 
 def test_swin_channels_last_is_stored_channels_first():

@@ -55,6 +55,21 @@ def test_defaults_are_filled():
             "config backbones[0].layers: backbone resnet18 has no layer 'layer9'",
         ),
         (
+            {"backbones": [{"name": "resnet18", "layers": ["fc"]}]},
+            "config backbones[0].layers: layer 'fc': cannot store a layer output of shape (1, 10",
+        ),
+        (
+            {"backbones": [{"name": "twins_svt_small", "layers": ["blocks.1"]}]},
+            "config backbones[0].layers: backbone twins_svt_small layer 'blocks.1' is a "
+            "ModuleList, which the forward pass never calls: name one of its modules (blocks.1.0, "
+            "blocks.1.1)",
+        ),
+        (
+            {"backbones": [{"name": "levit_128s", "layers": ["stages.1"]}]},
+            "config backbones[0].layers: layer 'stages.1': LevitDistilled emits 49 tokens but has "
+            "no patch_embed.patch_size to place them on a grid",
+        ),
+        (
             {
                 "backbones": [
                     {"name": "resnet18", "layers": ["layer3"], "preprocessing": {"std": [1, 0, 1]}}
