@@ -202,7 +202,7 @@ def check_layer(model: torch.nn.Module, name: str, layer: str) -> None:
         raise ValueError(
             f"backbone {name} has no layer '{layer}' (top-level modules: {', '.join(top)})"
         ) from None
-    if isinstance(module, torch.nn.ModuleList | torch.nn.ModuleDict):  # no forward of their own
+    if type(module).forward is torch.nn.Module.forward:  # a container (ModuleList): never runs
         inner = ", ".join(f"{layer}.{child}" for child, _ in module.named_children())
         raise ValueError(
             f"backbone {name} layer '{layer}' is a {type(module).__name__}, which the forward "
@@ -283,14 +283,7 @@ def _tokens_to_grid(
     model: torch.nn.Module, tokens: torch.Tensor, input_hw: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, length, channels = tokens.shape
-    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is None:  # no raster order to rely on (Hiera's tokens, for one, are not)
-        raise ValueError(
-            f"{type(model).__name__} emits {length} tokens but has no patch_embed.patch_size to "
-            "place them on a grid: pick a layer that emits a [C, y, x] map"
-        )
-    patch = to_2tuple(patch)
-    h, w = input_hw[0] // patch[0], input_hw[1] // patch[1]
+    h, w = _patch_grid(model, input_hw, length)
     # CaiT and XCiT add their class token after the patch blocks: those blocks have none
     n_prefix = length - h * w
     if n_prefix not in (0, getattr(model, "num_prefix_tokens", 0)):
@@ -300,6 +293,23 @@ def _tokens_to_grid(
         )
     grid = tokens[:, n_prefix:].reshape(n, h, w, channels).permute(0, 3, 1, 2)
     return grid, (tokens[:, :n_prefix] if n_prefix else None)
+
+
+def _patch_grid(model: torch.nn.Module, input_hw: tuple[int, int], length: int) -> tuple[int, int]:
+    """The patch grid of an input size, from the model's patch embedding (``patch_embed``, or
+    MLP-Mixer's ``stem``): timm's own ``dynamic_feat_size`` where it has one (hybrid ViTs embed
+    a CNN's map, padded patches round up), else the input over the patch size."""
+    embed = next((m for m in (getattr(model, "patch_embed", None), getattr(model, "stem", None))
+                  if hasattr(m, "patch_size")), None)  # fmt: skip
+    if embed is None:  # no raster order to rely on (Hiera's tokens, for one, are not)
+        raise ValueError(
+            f"{type(model).__name__} emits {length} tokens but has no patch_embed.patch_size to "
+            "place them on a grid: pick a layer that emits a [C, y, x] map"
+        )
+    if hasattr(embed, "dynamic_feat_size"):
+        return tuple(embed.dynamic_feat_size(input_hw))
+    patch = to_2tuple(embed.patch_size)
+    return input_hw[0] // patch[0], input_hw[1] // patch[1]
 
 
 def probe_shapes(backbone: Backbone) -> dict[str, dict]:

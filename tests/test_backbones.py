@@ -47,15 +47,29 @@ def test_register_tokens_are_prefix():
     torch.testing.assert_close(grid, ref)
 
 
-@pytest.mark.parametrize("name", ["cait_xxs24_224", "xcit_nano_12_p16_224"])
-def test_patch_blocks_before_the_class_token_have_no_prefix(name):
-    """CaiT and XCiT add their class token after the patch blocks (num_prefix_tokens is 1)."""
+@pytest.mark.parametrize(
+    ("name", "grid_hw", "n_prefix"),
+    [
+        ("cait_xxs24_224", (14, 14), 0),  # CaiT and XCiT add their class token after these blocks
+        ("xcit_nano_12_p16_224", (14, 14), 0),  # (num_prefix_tokens 1; an int patch size)
+        ("vit_tiny_r_s16_p8_224", (7, 7), 1),  # patches of 8 on a ResNet's stride-16 map
+        ("mixer_s16_224", (14, 14), 0),  # the patch embedding is `stem`
+    ],
+)
+def test_token_grids_of_other_vit_families_match_timm(name, grid_hw, n_prefix):
     model = _model(name)
     with torch.inference_mode():
         grid, prefix = LayerTaps(model, ("blocks.3",))(X)["blocks.3"]
         (ref,) = model.forward_intermediates(X, indices=[3], intermediates_only=True)
-    assert prefix is None and grid.shape[2:] == (14, 14)
+    assert grid.shape[2:] == grid_hw
+    assert (prefix is None) if n_prefix == 0 else (prefix.shape[1] == n_prefix)
     torch.testing.assert_close(grid, ref)
+
+
+def test_a_container_with_a_forward_of_its_own_is_a_layer():
+    spec = BackboneSpec("densenet121", "random", ("features.denseblock2",))  # a ModuleDict
+    check_layouts(spec)
+    assert probe_shapes(load_backbone(spec))["features.denseblock2"]["grid"] == (512, 28, 28)
 
 
 @pytest.mark.parametrize(
