@@ -225,9 +225,13 @@ class LayerTaps:
 
         def hook(name: str):
             def fn(_module, _inputs, output):
-                captured[name] = output[0] if isinstance(output, tuple | list) else output
-                if len(captured) == len(self.layers):
+                out = output[0] if isinstance(output, tuple | list) else output
+                if {*captured, name} == set(self.layers):  # the last: the forward stops here
+                    captured[name] = out
                     raise _StopForward
+                # a copy: the rest of the forward may rewrite the tensor in place (ResNet's
+                # ReLU(inplace=True) after bn1, `x += shortcut` after a block's bn2)
+                captured[name] = out.clone()
 
             return fn
 

@@ -115,6 +115,18 @@ def test_taps_stop_early_and_match_full_forward():
     torch.testing.assert_close(taps["layer3"][0], full[1])
 
 
+def test_a_layer_rewritten_in_place_later_keeps_its_own_output():
+    model = _model("resnet18")  # act1 is ReLU(inplace=True), run on bn1's output
+    with torch.inference_mode():
+        taps = LayerTaps(model, ("bn1", "layer1.0.bn2", "layer2"))(X)
+        bn1 = model.bn1(model.conv1(X))
+        block = model.layer1[0]
+        bn2 = block.bn2(block.conv2(block.act1(block.bn1(block.conv1(model.maxpool(bn1.relu()))))))
+    assert bn1.min() < 0  # before the ReLU that runs in place on it
+    torch.testing.assert_close(taps["bn1"][0], bn1)
+    torch.testing.assert_close(taps["layer1.0.bn2"][0], bn2)  # before `x += shortcut`
+
+
 def test_probe_shapes_and_preprocessing_override():
     spec = BackboneSpec(
         "resnet18", "random", ("layer2", "layer4"), preprocessing={"input_size": 160}
