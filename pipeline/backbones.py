@@ -243,6 +243,9 @@ class LayerTaps:
             self.model(x)
         except _StopForward:
             pass
+        except AssertionError as exc:  # timm's own checks of the input (window sizes, ...)
+            hw = "x".join(map(str, x.shape[-2:]))
+            raise ValueError(f"the forward pass fails on {hw} inputs: {exc}") from None
         finally:
             for handle in handles:
                 handle.remove()

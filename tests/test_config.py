@@ -72,6 +72,19 @@ def test_defaults_are_filled():
         (
             {
                 "backbones": [
+                    {
+                        "name": "maxvit_tiny_tf_224",
+                        "layers": ["stages.1"],
+                        "preprocessing": {"input_size": 100},
+                    }
+                ]
+            },
+            "config backbones[0].layers: the forward pass fails on 100x100 inputs: height (25) "
+            "must be divisible by window (7)",
+        ),
+        (
+            {
+                "backbones": [
                     {"name": "resnet18", "layers": ["layer3"], "preprocessing": {"std": [1, 0, 1]}}
                 ]
             },
