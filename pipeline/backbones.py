@@ -225,7 +225,7 @@ class LayerTaps:
 
         def hook(name: str):
             def fn(_module, _inputs, output):
-                out = output[0] if isinstance(output, tuple | list) else output
+                out = _one_tensor(name, output)
                 if {*captured, name} == set(self.layers):  # the last: the forward stops here
                     captured[name] = out
                     raise _StopForward
@@ -260,6 +260,20 @@ class LayerTaps:
             return to_grid(self.model, out, input_hw)
         except ValueError as exc:
             raise ValueError(f"layer '{layer}': {exc}") from None
+
+
+def _one_tensor(layer: str, output: Any) -> torch.Tensor:
+    """A module's output, or the one tensor of a tuple or list with others than tensors (None);
+    several tensors (HRNet's branches, CrossViT's two scales) are not one map to store."""
+    parts = output if isinstance(output, tuple | list) else [output]
+    tensors = [part for part in parts if isinstance(part, torch.Tensor)]
+    if len(tensors) != 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors)
+        raise ValueError(
+            f"layer '{layer}' emits {len(tensors)} tensors ({shapes}) in a "
+            f"{type(output).__name__}: name a module that emits one"
+        )
+    return tensors[0]
 
 
 def to_grid(

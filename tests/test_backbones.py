@@ -77,7 +77,9 @@ def test_a_container_with_a_forward_of_its_own_is_a_layer():
     [
         ("twins_svt_small", "blocks.1", "'blocks.1' is a ModuleList, which the forward pass never"),
         ("hiera_tiny_224", "blocks.5", "Hiera emits 196 tokens but has no patch_embed.patch_size"),
-        ("crossvit_tiny_240", "blocks.0", "CrossVit emits 401 tokens but has no patch_embed"),
+        ("crossvit_tiny_240", "blocks.0.blocks.0.0", "CrossVit emits 401 tokens but has no"),
+        ("crossvit_tiny_240", "blocks.0", "'blocks.0' emits 2 tensors ((1, 401, 96), (1, 197, 192"),
+        ("hrnet_w18_small", "stage2", "'stage2' emits 2 tensors ((1, 16, 56, 56), (1, 32, 28, 2"),
         ("vit_tiny_patch16_224", "head", "layer 'head': cannot store a layer output of shape"),
     ],
 )
