@@ -169,8 +169,10 @@ def check_layouts(spec: BackboneSpec) -> None:
     the config check refuses a layer in one line instead of the plan job in a traceback."""
     with torch.device("meta"):
         model, _, data_config = _built(spec, "random", 0)
+        x = torch.zeros(1, *data_config["input_size"])
         try:
-            LayerTaps(model.eval(), spec.layers)(torch.zeros(1, *data_config["input_size"]))
+            LayerTaps(model.eval(), spec.layers)(x)
+            check_called_once(model, spec.layers, x)
         except ValueError:
             raise
         except Exception:  # an op meta tensors cannot run (data-dependent): the plan's real
@@ -208,6 +210,35 @@ def check_layer(model: torch.nn.Module, name: str, layer: str) -> None:
             f"backbone {name} layer '{layer}' is a {type(module).__name__}, which the forward "
             f"pass never calls: name one of its modules ({inner})"
         )
+
+
+def check_called_once(model: torch.nn.Module, layers: tuple[str, ...], x: torch.Tensor) -> None:
+    """ValueError for a layer the whole forward pass runs more than once: a module shared within
+    its block (legacy SE-ResNets' `relu`, run after each conv and after the sum) has no one output
+    to store, and the taps, which stop at the deepest layer, would keep whichever came last."""
+    calls = dict.fromkeys(layers, 0)
+
+    def count(layer: str):
+        def hook(*_):
+            calls[layer] += 1
+
+        return hook
+
+    handles = [model.get_submodule(layer).register_forward_hook(count(layer)) for layer in layers]
+    try:
+        model(x)
+    except Exception:  # past the layers (a head that does not fit the input size) it is moot
+        if not all(calls.values()):
+            raise
+    finally:
+        for handle in handles:
+            handle.remove()
+    for layer, n in calls.items():
+        if n > 1:
+            raise ValueError(
+                f"layer '{layer}' runs {n} times in one forward pass (a shared module): name a "
+                "module that runs once"
+            )
 
 
 class _StopForward(Exception):
@@ -339,6 +370,7 @@ def probe_shapes(backbone: Backbone) -> dict[str, dict]:
     device = next(backbone.model.parameters()).device
     with torch.inference_mode():
         outputs = LayerTaps(backbone.model, backbone.spec.layers)(x.to(device))
+        check_called_once(backbone.model, backbone.spec.layers, x.to(device))
     shapes = {}
     for layer, (grid, prefix) in outputs.items():
         shapes[layer] = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 import timm
@@ -66,6 +67,17 @@ def test_token_grids_of_other_vit_families_match_timm(name, grid_hw, n_prefix):
     torch.testing.assert_close(grid, ref)
 
 
+def test_a_layer_before_a_part_that_rejects_the_input_size_is_stored():
+    """MaxViT at 112 px: stages.3's 3.5x3.5 grid does not fit its windows, stages.1's does."""
+    spec = BackboneSpec(
+        "maxvit_tiny_tf_224", "random", ("stages.1",), preprocessing={"input_size": 112}
+    )
+    check_layouts(spec)
+    assert probe_shapes(load_backbone(spec))["stages.1"]["grid"] == (128, 14, 14)
+    with pytest.raises(ValueError, match=re.escape("fails on 112x112 inputs: height (4) must")):
+        check_layouts(replace(spec, layers=("stages.3",)))
+
+
 def test_a_container_with_a_forward_of_its_own_is_a_layer():
     spec = BackboneSpec("densenet121", "random", ("features.denseblock2",))  # a ModuleDict
     check_layouts(spec)
@@ -80,6 +92,8 @@ def test_a_container_with_a_forward_of_its_own_is_a_layer():
         ("crossvit_tiny_240", "blocks.0.blocks.0.0", "CrossVit emits 401 tokens but has no"),
         ("crossvit_tiny_240", "blocks.0", "'blocks.0' emits 2 tensors ((1, 401, 96), (1, 197, 192"),
         ("hrnet_w18_small", "stage2", "'stage2' emits 2 tensors ((1, 16, 56, 56), (1, 32, 28, 2"),
+        # run after bn1, after bn2 and after the sum: the taps stopping there would keep the first
+        ("legacy_seresnet18", "layer1.0.relu", "'layer1.0.relu' runs 3 times in one forward pass"),
         ("vit_tiny_patch16_224", "head", "layer 'head': cannot store a layer output of shape"),
     ],
 )
