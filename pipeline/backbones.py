@@ -366,11 +366,11 @@ def _patch_grid(model: torch.nn.Module, input_hw: tuple[int, int], length: int) 
 
 def probe_shapes(backbone: Backbone) -> dict[str, dict]:
     """Per-sample shapes and strides of every requested layer, from one forward on a blank image."""
-    x = torch.zeros(1, *backbone.data_config["input_size"])
     device = next(backbone.model.parameters()).device
+    x = torch.zeros(1, *backbone.data_config["input_size"], device=device)
     with torch.inference_mode():
-        outputs = LayerTaps(backbone.model, backbone.spec.layers)(x.to(device))
-        check_called_once(backbone.model, backbone.spec.layers, x.to(device))
+        outputs = LayerTaps(backbone.model, backbone.spec.layers)(x)
+        check_called_once(backbone.model, backbone.spec.layers, x)
     shapes = {}
     for layer, (grid, prefix) in outputs.items():
         shapes[layer] = {
