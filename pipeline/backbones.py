@@ -336,12 +336,12 @@ def _tokens_to_grid(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, length, channels = tokens.shape
     h, w = _patch_grid(model, input_hw, length)
+    declared = getattr(model, "num_prefix_tokens", 0)
     # CaiT and XCiT add their class token after the patch blocks: those blocks have none
     n_prefix = length - h * w
-    if n_prefix not in (0, getattr(model, "num_prefix_tokens", 0)):
+    if n_prefix not in (0, declared):
         raise ValueError(
-            f"{length} tokens do not form a {h}x{w} grid plus "
-            f"{getattr(model, 'num_prefix_tokens', 0)} prefix tokens"
+            f"{length} tokens do not form a {h}x{w} grid plus {declared} prefix tokens"
         )
     grid = tokens[:, n_prefix:].reshape(n, h, w, channels).permute(0, 3, 1, 2)
     return grid, (tokens[:, :n_prefix] if n_prefix else None)
