@@ -81,8 +81,8 @@ def validate_config(config: dict, purpose: str = "extract", remember: bool = Fal
     (sampling, evaluation, report, analyses) needs the store and a model to read; `"finalize"`
     checks the whole schema but, like those, builds no backbone (the plan job did).
     `remember` (Snakemake's own process) keeps the verdict on the models and layers in
-    `work_dir/checked-backbones`: the next `snakemake` of the same backbones, with the same featinv,
-    timm and torch, skips importing timm and building the models (seconds of every start).
+    `work_dir/checked-backbones`: the next `snakemake` of the same backbones, with the same featinv
+    code, timm and torch, skips importing timm and building the models (seconds of every start).
     """
     config = copy.deepcopy(config)
     schema = load_schema()
@@ -103,6 +103,8 @@ def validate_config(config: dict, purpose: str = "extract", remember: bool = Fal
     return config
 
 
+# The code that judges models and layers: its source names a verdict (see `_verdict_name`).
+JUDGES = tuple(Path(__file__).resolve().parents[1] / pkg for pkg in ("pipeline", "storage_specs"))
 # The forms of a backbone's `weights` (loaded by pipeline.weights).
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pth", ".pt", ".bin")
@@ -138,9 +140,13 @@ def _check_backbones(backbones: list[dict], verdicts: Path | None = None) -> Non
 
 
 def _verdict_name(backbones: list[dict]) -> str:
-    """The entries and the versions of what judged them: a verdict holds for exactly these."""
-    versions = package_versions(("featinv", "timm", "torch"))
-    return hashlib.sha256(json.dumps([backbones, versions], sort_keys=True).encode()).hexdigest()
+    """The entries and what judged them: a verdict holds for exactly these. featinv's code is
+    hashed, not its version, which does not change with every commit of a checkout."""
+    versions = package_versions(("timm", "torch", "featinv-codecs"))
+    digest = hashlib.sha256(json.dumps([backbones, versions], sort_keys=True).encode())
+    for path in sorted(path for judge in JUDGES for path in judge.glob("*.py")):  # ms: no import
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _check_models(backbones: list[dict]) -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_config, validate_config, with_credentials
+import pipeline
+import pipeline.config
+from pipeline.config import (
+    ConfigError,
+    _verdict_name,
+    load_config,
+    validate_config,
+    with_credentials,
+)
 from storage_specs.provenance import redact_uri, redact_url
 from tests.conftest import featinv, snakemake
 
@@ -194,3 +204,16 @@ def test_snakemake_keeps_the_verdict_on_the_same_backbones(tmp_path):
     with pytest.raises(ConfigError, match=r"backbones\[0\].layers: backbone resnet18 has no"):
         validate_config(bad, remember=True)
     assert list((tmp_path / "work/checked-backbones").iterdir()) == [verdict]
+
+
+def test_a_verdict_holds_only_for_the_code_that_judged(tmp_path, monkeypatch):
+    """A work_dir kept across a checkout's commits (featinv's version stays the same) does not
+    skip what newer code checks: the verdict is named after the checking code's source too."""
+    judges = tmp_path / "pipeline"
+    shutil.copytree(Path(pipeline.__file__).parent, judges)
+    monkeypatch.setattr(pipeline.config, "JUDGES", (judges,))
+    before = _verdict_name(GOOD["backbones"])
+    assert _verdict_name(GOOD["backbones"]) == before
+    with open(judges / "backbones.py", "a") as source:
+        source.write("# a newer check\n")
+    assert _verdict_name(GOOD["backbones"]) != before
