@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, check_url, load_config, stage_groups
 from pipeline.endpoints import quiet_lost_connections, unreachable_message
-from storage_specs.layout import StoreError
+from storage_specs.layout import StoreError, open_root
 
 # The Snakemake target that finishes each stage of a store.
 STAGE_TARGETS = {"features": "extract_features", "latents": "encode_latents"}
@@ -59,12 +59,20 @@ def cmd_plan(args) -> None:
     plan = plan_store(load_config(args.config))
     if args.out:
         _write_json_atomic(args.out, plan)
-    ignored = f", {len(plan['ignored'])} non-image files ignored" if plan["ignored"] else ""
     print(
         f"planned {plan['store']}: {plan['n_samples']} samples in {plan['n_shards']} shards "
-        f"x {len(plan['groups'])} group(s){ignored}",
+        f"x {len(plan['groups'])} group(s){_ignored(plan['ignored'], args.out)}",
         file=sys.stderr,
     )
+
+
+def _ignored(ignored: list[str], plan_file: str | None) -> str:
+    """What the listing left out (non-image files, unreadable tar tails, ...), the first few."""
+    if not ignored:
+        return ""
+    more = f" and {len(ignored) - 3} more" if len(ignored) > 3 else ""
+    where = f" (all in {plan_file})" if more and plan_file else ""
+    return f"; {len(ignored)} ignored: {', '.join(ignored[:3])}{more}{where}"
 
 
 def cmd_extract_shard(args) -> None:
@@ -121,6 +129,8 @@ def cmd_validate(args) -> None:
 
     check_url("store", args.store)
     samples = is_samples_store(args.store)
+    if not samples:
+        open_root(args.store, consolidated=False)  # no store at all: exit 2, like a bad URL
     stages = None if samples else pending_stages(args.store)
     if samples:
         problems = validate_samples(args.store)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -70,6 +71,12 @@ class ImageLimits:
     max_pixels: int = 50_000_000
     # smaller images (e.g. 1x1) carry no spatial information: skipped
     min_side: int = 8
+
+    @classmethod
+    def of_store(cls, attrs: Mapping) -> ImageLimits:
+        """The limits a store's images were read with (its recorded config): what evaluation
+        and analyses read the same images with again."""
+        return cls(**attrs.get("provenance", {}).get("config", {}).get("image_limits", {}))
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:

@@ -1,4 +1,5 @@
-"""An object store that cannot be reached, said in one line that names its endpoint.
+"""An object store that cannot be reached (or not without credentials), said in one line that
+names its endpoint.
 
 botocore and aiohttp raise many kinds of connection errors (refused, reset, timed out), sometimes
 wrapped in others, and a DataLoader worker's error comes back as a RuntimeError that only names
@@ -21,6 +22,9 @@ CONNECTION_ERRORS = (
     botocore.exceptions.HTTPClientError,  # closed mid-request, read timeout
     aiohttp.ClientConnectionError,
 )
+CREDENTIAL_ERRORS = (botocore.exceptions.NoCredentialsError,
+                     botocore.exceptions.PartialCredentialsError)  # fmt: skip
+_STORE_ERRORS = CONNECTION_ERRORS + CREDENTIAL_ERRORS
 _WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker")
 _ENDPOINT_IN_MESSAGE = re.compile(r'endpoint URL: "([^"]+)"')
 
@@ -31,15 +35,16 @@ def _worker_error_name(exc: BaseException) -> str | None:
     if match is None:
         return None
     cls = getattr(botocore.exceptions, match[1], None) or getattr(aiohttp, match[1], None)
-    return match[1] if isinstance(cls, type) and issubclass(cls, CONNECTION_ERRORS) else None
+    return match[1] if isinstance(cls, type) and issubclass(cls, _STORE_ERRORS) else None
 
 
 def _connection_error(exc: BaseException | None) -> tuple[BaseException, str] | None:
-    """The connection error in `exc`'s chain (causes, contexts) with its type name, if any."""
+    """The connection or credentials error in `exc`'s chain (causes, contexts) with its type
+    name, if any."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, CONNECTION_ERRORS):
+        if isinstance(exc, _STORE_ERRORS):
             return exc, type(exc).__name__
         name = _worker_error_name(exc)
         if name:
@@ -65,11 +70,15 @@ def endpoint_of(exc: BaseException) -> str:
 
 
 def unreachable_message(exc: BaseException) -> str | None:
-    """One line for an error caused by an unreachable object store; None for any other error."""
+    """One line for an error caused by an unreachable object store, or one we have no
+    credentials for; None for any other error."""
     found = _connection_error(exc)
     if found is None:
         return None
     error, name = found
+    if name in {cls.__name__ for cls in CREDENTIAL_ERRORS}:
+        return (f"object store at {endpoint_of(error)}: no credentials ({name}); set "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")  # fmt: skip
     return (
         f"object store at {endpoint_of(error)} unreachable ({name}); committed shards are kept, "
         "rerun the same command once it is back"

@@ -55,6 +55,8 @@ def prepare(
     """One input as per-encoder tensors of all its views, or why it is skipped (the one
     bad-sample policy)."""
     try:
+        if isinstance(data, SkipSample):  # over the size limit: left unread
+            raise data
         if isinstance(data, Exception):
             raise SkipSample(f"unreadable: {type(data).__name__}: {data}".splitlines()[0])
         image = decode_image(data, limits)
@@ -102,7 +104,8 @@ class ShardImages(IterableDataset):
                 for start in range(worker * self.run, n, n_workers * self.run)]  # fmt: skip
         rows = [row for run in runs for row in run]
         samples = (
-            self.sample(rows[i], data) for i, data in read_items([self.uris[r] for r in rows])
+            self.sample(rows[i], data)
+            for i, data in read_items([self.uris[r] for r in rows], self.limits.max_bytes)
         )
         for run in runs:
             yield pack(list(islice(samples, len(run))))

@@ -88,7 +88,7 @@ def first_values(
     uris = [with_credentials(item.uri, config["source"]) for item in rows]
     usable = (
         {"row": i, **prepare(data, rows[i].key, prepares, views, limits)}
-        for i, data in read_items(uris)
+        for i, data in read_items(uris, limits.max_bytes)
     )
     samples = list(islice((s for s in usable if s["inputs"] is not None), SAMPLE_ROWS))
     collected = Collected({spec.path: spec.dtype for spec in specs})

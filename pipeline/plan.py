@@ -9,10 +9,11 @@ writes.
 from __future__ import annotations
 
 from pipeline.config import groups_of, public_config, stage_groups
+from pipeline.decode import ImageLimits
 from pipeline.encoders import load_encoders, resolve_views
 from pipeline.lossless import choose_chains
 from pipeline.sources import list_source
-from storage_specs.layout import create_store, n_shards, require_array
+from storage_specs.layout import StoreError, create_store, n_shards, require_array
 from storage_specs.provenance import provenance, redact_uri
 
 
@@ -31,6 +32,7 @@ def plan_store(config: dict) -> dict:
         groups=groups_of(config),
         provenance=provenance(config),
     )
+    _check_same_limits(root, config)
     encoders = load_encoders(config)
     specs = [spec for encoder in encoders for spec in encoder.array_specs(config["dtype"])]
     for spec in choose_chains(root, specs, encoders, config, items):
@@ -45,3 +47,12 @@ def plan_store(config: dict) -> dict:
         "stages": {stage: stage_groups(config, stage) for stage in ("features", "latents")},
         "ignored": listing.ignored,
     }
+
+
+def _check_same_limits(root, config: dict) -> None:
+    """The image limits decide which images are skipped: a store keeps those it was begun with."""
+    recorded, asked = ImageLimits.of_store(root.attrs), ImageLimits(**config["image_limits"])
+    if recorded != asked:
+        store = public_config(config)["store"]
+        raise StoreError(f"store '{store}' was planned with image_limits {vars(recorded)}, "
+                         f"config asks for {vars(asked)}: use a new store")  # fmt: skip

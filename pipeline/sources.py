@@ -12,21 +12,27 @@ for every member.
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-import fsspec
 from braceexpand import braceexpand
-from fsspec import AbstractFileSystem
-from fsspec.core import url_to_fs
+from fsspec import AbstractFileSystem, get_filesystem_class
+from fsspec.core import split_protocol, url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline.decode import SkipSample
 
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jfif"}
 )
 _TAR_PREFIX = "tar://"
+# "tar://<member>::<tar url>": the tar URL is the last "::" link with a protocol, so a member
+# named with "::" is still read (fsspec.open would read its name as a chain of filesystems).
+_TAR_MEMBER = re.compile(r"^tar://(.*)::([a-z][a-z0-9+.-]*://.*)$", re.DOTALL)
 _UNSAFE = re.compile(r"[^A-Za-z0-9/_-]")
 # webdataset's rule: the key is everything up to the first dot of the basename.
 _WDS_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -51,7 +57,8 @@ class SourceItem:
 class Listing:
     items: list[SourceItem]  # sorted by key
     classes: list[str]  # sorted class names; index = label ([] for tar sources)
-    ignored: list[str]  # non-image files (relative paths) and image-less tar samples
+    ignored: list[str]  # non-image files (relative paths), tar samples without an image or a
+    # readable label, duplicate tar members, unreadable tar tails
 
 
 @dataclass
@@ -81,25 +88,33 @@ def list_source(url: str) -> Listing:
     raise ValueError(f"source {url!r} is neither a folder nor .tar shards")
 
 
-def read_items(uris: Sequence[str]) -> Iterator[tuple[int, bytes | Exception]]:
+def read_items(
+    uris: Sequence[str], max_bytes: int | None = None
+) -> Iterator[tuple[int, bytes | Exception]]:
     """Yield (position, bytes) for every uri in input order or (position, exception) when the
-    input can't be read (missing, unreadable, a broken tar); storage failures (network,
-    timeouts, server errors) are raised instead. Tar members are read by streaming each tar once
-    (group consecutive members of the same tar), never by re-indexing the tar per member."""
+    input can't be read (missing, unreadable, a broken tar; a SkipSample for a file over
+    `max_bytes`, which is never read whole: it could be larger than memory); storage failures
+    (network, timeouts, server errors) are raised instead. Tar members are read by streaming
+    each tar once (group consecutive members of the same tar), never by re-indexing the tar per
+    member."""
     pos = 0
     while pos < len(uris):
         tar_url = _split_member(uris[pos])[1]
         if tar_url is None:
-            yield pos, _read_file(uris[pos])
+            yield pos, _read_file(uris[pos], max_bytes)
             pos += 1
             continue
         end = pos
         while end < len(uris) and _split_member(uris[end])[1] == tar_url:
             end += 1
         members = [_split_member(uri)[0] for uri in uris[pos:end]]
-        for offset, value in _read_tar_members(tar_url, members):
+        for offset, value in _read_tar_members(tar_url, members, max_bytes):
             yield pos + offset, value
         pos = end
+
+
+def too_large(size: int, max_bytes: int) -> SkipSample:
+    return SkipSample(f"file too large: {size} bytes > limit {max_bytes}")
 
 
 # ---------------------------------------------------------------------------- keys
@@ -152,8 +167,24 @@ def _resolve(url: str) -> tuple[AbstractFileSystem, str]:
 def _visible_files(fs: AbstractFileSystem, root: str) -> list[str]:
     """Sorted paths relative to `root`, skipping anything hidden ('.' components)."""
     prefix = root.rstrip("/") + "/"
-    rels = (p[len(prefix) :] if p.startswith(prefix) else p for p in fs.find(root))
+    rels = (p[len(prefix) :] if p.startswith(prefix) else p for p in _find(fs, root))
     return sorted(r for r in rels if not any(part.startswith(".") for part in r.split("/")))
+
+
+def _find(fs: AbstractFileSystem, root: str) -> list[str]:
+    """Every file under `root`. On local disk, symlinked folders are followed, as torchvision's
+    ImageFolder does (fsspec's find does not); a folder reached twice is listed once."""
+    if not isinstance(fs, LocalFileSystem):
+        return fs.find(root)
+    files, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            subfolders.clear()
+            continue
+        seen.add(real)
+        files += [f"{folder}/{name}" for name in names]
+    return files
 
 
 def _image_ext(name: str) -> str | None:
@@ -178,6 +209,13 @@ def _list_folder(url: str, fs: AbstractFileSystem, root: str, files: list[str]) 
     return Listing(sorted(items, key=lambda it: it.key), classes, ignored)
 
 
+def _single_link(url: str) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and path of a file's URL, "::" in its name kept as part of the name
+    (`url_to_fs` and `fsspec.open` read it as a chain of filesystems: another file's bytes)."""
+    cls = get_filesystem_class(split_protocol(url)[0] or "file")
+    return cls(**cls._get_kwargs_from_urls(url)), cls._strip_protocol(url)
+
+
 def _folder_label(rel: str, index: dict[str, int]) -> int:
     return index[rel.split("/", 1)[0]] if "/" in rel else -1
 
@@ -200,8 +238,8 @@ def _list_tars(url: str, tar_urls: Sequence[str]) -> Listing:
         found, skipped = _tar_entries(url, tar_url)
         entries += found
         ignored += skipped
-    if not entries:
-        raise ValueError(f"source {url!r} {_NO_IMAGES}")
+    if not entries:  # what was ignored says why (unreadable, no image members)
+        raise ValueError(f"source {url!r} {_NO_IMAGES}" + "".join(f"; {i}" for i in ignored[:3]))
     keys = _unique_keys([e[0] for e in entries], [e[1] for e in entries])
     items = [SourceItem(k, e[2], e[3]) for k, e in zip(keys, entries, strict=True)]
     return Listing(sorted(items, key=lambda it: it.key), [], sorted(ignored))
@@ -214,20 +252,29 @@ def _tar_entries(url: str, tar_url: str) -> tuple[list[tuple[str, str, str, int]
     fs, path = _resolve(tar_url)
     name = posixpath.basename(path)
     entries: list[tuple[str, str, str, int]] = []
-    ignored: list[str] = []
-    for sample in _scan_tar(url, fs, path):
+    samples, ignored = _scan_tar(fs, path)
+    images: set[str] = set()
+    for sample in samples:
         if sample.image is None:
             ignored.append(f"{name}:{sample.key} (no image member)")
             continue
+        if sample.image in images:  # a reader finds a member by name: only the first one
+            ignored.append(f"{name}:{sample.image} (a second member of this name)")
+            continue
+        images.add(sample.image)
         base = _make_key(f"{name[: -len('.tar')]}/{_strip_dot_slash(sample.key)}")
         uri = f"{_TAR_PREFIX}{sample.image}::{fs.unstrip_protocol(path)}"
         entries.append((base, sample.image.rpartition(".")[2], uri, _sample_label(sample)))
     return entries, ignored
 
 
-def _scan_tar(url: str, fs: AbstractFileSystem, path: str) -> list[_Sample]:
-    """Group the members of one tar into webdataset samples, in a single streaming pass."""
+def _scan_tar(fs: AbstractFileSystem, path: str) -> tuple[list[_Sample], list[str]]:
+    """Group the members of one tar into webdataset samples, in a single streaming pass; and
+    what was ignored. A tar that breaks off (truncated, corrupt) keeps the samples before the
+    break: one bad shard of many does not stop a run."""
     samples: list[_Sample] = []
+    ignored: list[str] = []
+    name = posixpath.basename(path)
     try:
         with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
             for member in tar:
@@ -237,29 +284,29 @@ def _scan_tar(url: str, fs: AbstractFileSystem, path: str) -> list[_Sample]:
                 key, ext = match.group(1), match.group(2).lower()
                 if not samples or samples[-1].key != key:
                     samples.append(_Sample(key))
-                _add_member(samples[-1], tar, member, ext)
-    except (tarfile.TarError, OSError, ValueError) as exc:
-        raise ValueError(f"source {url!r}: cannot read tar {path!r}: {exc}") from exc
-    return samples
+                ignored += [f"{name}:{i}" for i in _add_member(samples[-1], tar, member, ext)]
+    except _TAR_INPUT_ERRORS as exc:
+        ignored.append(f"{name} (unreadable after {len(samples)} samples: cannot read tar: {exc})")
+    return samples, ignored
 
 
-def _add_member(sample: _Sample, tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str) -> None:
+def _add_member(
+    sample: _Sample, tar: tarfile.TarFile, member: tarfile.TarInfo, ext: str
+) -> list[str]:
+    """Add `member` to `sample`; returns what was ignored (a label that is not one)."""
     if ext in IMAGE_EXTENSIONS and sample.image is None:
         sample.image = member.name
     elif ext in ("cls", "json"):
         handle = tar.extractfile(member)
-        data = handle.read() if handle is not None else b""
-        if ext == "cls":
-            sample.cls = _parse_cls(data, member.name)
-        else:
+        data = handle.read(1 << 16) if handle is not None else b""  # a label is a few bytes
+        if ext == "json":
             sample.meta_label = _json_label(data)
-
-
-def _parse_cls(data: bytes, name: str) -> int:
-    try:
-        return int(data.decode("utf-8").strip())
-    except ValueError as exc:
-        raise ValueError(f"{name}: .cls is not an integer: {data[:32]!r}") from exc
+            return []
+        try:
+            sample.cls = int(data.decode("utf-8").strip())
+        except ValueError:
+            return [f"{member.name} (.cls is not an integer: {data[:32]!r}; unlabeled)"]
+    return []
 
 
 def _json_label(data: bytes) -> int | None:
@@ -287,22 +334,24 @@ def _sample_label(sample: _Sample) -> int:
 
 def _split_member(uri: str) -> tuple[str, str | None]:
     """("member", "tar url") for `tar://member::tar-url`, else (uri, None)."""
-    if uri.startswith(_TAR_PREFIX) and "::" in uri:
-        member, tar_url = uri[len(_TAR_PREFIX) :].split("::", 1)
-        return member, tar_url
-    return uri, None
+    match = _TAR_MEMBER.match(uri)
+    return (match.group(1), match.group(2)) if match else (uri, None)
 
 
-def _read_file(uri: str) -> bytes | Exception:
+def _read_file(uri: str, max_bytes: int | None = None) -> bytes | Exception:
     try:
-        with fsspec.open(uri, "rb") as fh:
-            return fh.read()
+        fs, path = _single_link(uri)
+        with fs.open(path, "rb") as fh:
+            data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:
+            return too_large(fs.size(path), max_bytes)
     except _INPUT_ERRORS as exc:
         return exc
+    return data
 
 
 def _read_tar_members(
-    tar_url: str, members: Sequence[str]
+    tar_url: str, members: Sequence[str], max_bytes: int | None = None
 ) -> Iterator[tuple[int, bytes | Exception]]:
     """Stream one tar, yielding (offset, bytes) in the order of `members` as soon as possible;
     members never found (or cut off by an error) yield an exception."""
@@ -312,7 +361,7 @@ def _read_tar_members(
     found: dict[int, bytes | Exception] = {}
     nxt = 0
     try:
-        for name, data in _stream_tar(tar_url, set(wanted)):
+        for name, data in _stream_tar(tar_url, set(wanted), max_bytes):
             for offset in wanted.pop(name):
                 found[offset] = data
             while nxt in found:
@@ -331,10 +380,14 @@ def _read_tar_members(
         yield offset, found[offset]
 
 
-def _stream_tar(tar_url: str, names: Iterable[str]) -> Iterator[tuple[str, bytes]]:
-    """(member name, bytes) for each wanted member, in tar order, first occurrence only."""
+def _stream_tar(
+    tar_url: str, names: Iterable[str], max_bytes: int | None = None
+) -> Iterator[tuple[str, bytes | SkipSample]]:
+    """(member name, bytes) for each wanted member, in tar order, first occurrence only; a
+    SkipSample instead of the bytes of a member over `max_bytes`."""
     todo = set(names)
-    with fsspec.open(tar_url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
+    fs, path = _single_link(tar_url)
+    with fs.open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r|*") as tar:
         for member in tar:
             if member.name not in todo or not member.isfile():
                 continue
@@ -342,6 +395,7 @@ def _stream_tar(tar_url: str, names: Iterable[str]) -> Iterator[tuple[str, bytes
             if handle is None:
                 continue
             todo.discard(member.name)
-            yield member.name, handle.read()
+            too_big = max_bytes is not None and member.size > max_bytes
+            yield member.name, too_large(member.size, max_bytes) if too_big else handle.read()
             if not todo:
                 return

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from pipeline.backbones import Backbone
-from pipeline.decode import SkipSample, decode_image
+from pipeline.decode import ImageLimits, SkipSample, decode_image
 from pipeline.sources import list_source, read_items
 from pipeline.views import eval_box, render_views
 from storage_specs.provenance import redact_uri, redact_url
@@ -66,9 +66,9 @@ def variants_of(spec: dict) -> list[Variant]:
     return out
 
 
-def clean_view(backbone: Backbone, data: bytes, crop_pct: float) -> np.ndarray:
+def clean_view(backbone: Backbone, data: bytes, crop_pct: float, limits: ImageLimits) -> np.ndarray:
     """uint8 `[H, W, 3]`: the evaluation view of an encoded image at the backbone's input size."""
-    image = decode_image(data)
+    image = decode_image(data, limits)
     box = eval_box(image.height, image.width, backbone.input_hw, crop_pct, "center")
     pixels = render_views(image, np.array([[*box, 0]], np.float32), backbone.input_hw,
                           backbone.data_config["interpolation"])  # fmt: skip
@@ -149,18 +149,20 @@ def make_variants(
 
 
 def ood_views(
-    backbone: Backbone, source: str, limit: int, crop_pct: float
+    backbone: Backbone, source: str, limit: int, crop_pct: float, limits: ImageLimits
 ) -> tuple[list[str], np.ndarray, dict[str, str]]:
     """The first `limit` usable images of a second collection at the clean view: their keys,
     the images `[N, H, W, 3]`, and the skipped ones' reasons by key (corrupt, truncated, ...)."""
     items = list_source(source).items
     keys, images, skipped = [], [], {}
-    for pos, data in read_items([item.uri for item in items]):
+    for pos, data in read_items([item.uri for item in items], limits.max_bytes):
         key = items[pos].key
         try:
+            if isinstance(data, SkipSample):
+                raise data
             if isinstance(data, Exception):
                 raise SkipSample(f"unreadable ({type(data).__name__})")
-            images.append(clean_view(backbone, data, crop_pct))
+            images.append(clean_view(backbone, data, crop_pct, limits))
             keys.append(key)
         except SkipSample as skip:
             skipped[key] = str(skip)
@@ -185,6 +187,7 @@ def write_variants(
     sources: list[str],
     spec: dict,
     crop_pct: float,
+    limits: ImageLimits,
 ) -> dict:
     """The variants of the source images as `<folder>/<variant>/<key>.png`, the second
     collections' images as `<folder>/ood-<name>/<key>.png`, and a manifest.json: which variant
@@ -192,17 +195,19 @@ def write_variants(
     versions, the source key and URI of every image, and each second collection's source, keys
     and skipped images.  Returns the manifest."""
     clean = []
-    for pos, data in read_items(sources):
+    for pos, data in read_items(sources, limits.max_bytes):
         if isinstance(data, Exception):
             raise ValueError(f"source image '{sources[pos]}' unreadable ({type(data).__name__})")
-        clean.append(clean_view(backbone, data, crop_pct))
+        clean.append(clean_view(backbone, data, crop_pct, limits))
     variants = variants_of(spec)
     made = make_variants(backbone, np.stack(clean), variants, spec)
     for variant in variants:
         _save(folder / variant.name, keys, made[variant.name])
     ood = {}
     for entry in spec["ood"]:
-        ood_keys, images, skipped = ood_views(backbone, entry["source"], entry["limit"], crop_pct)
+        ood_keys, images, skipped = ood_views(
+            backbone, entry["source"], entry["limit"], crop_pct, limits
+        )
         _save(folder / f"{OOD}{entry['name']}", ood_keys, images)
         ood[entry["name"]] = {"source": redact_url(entry["source"]), "keys": ood_keys,
                               "skipped": skipped}  # fmt: skip

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.decode import SkipSample, decode_image
+from pipeline.decode import ImageLimits, SkipSample, decode_image
 from pipeline.sources import read_items
 from sampling import metrics
 from sampling.reconstruct import Reconstructor
@@ -61,12 +61,13 @@ def original_inputs(backbone, store: FeatureStore, rows, views) -> tuple[torch.T
     rendered them; None and the reason when a source image cannot be read any more."""
     samples = store.samples()
     uris = [str(samples["source"][r]) for r in rows]
+    limits = ImageLimits.of_store(store.root.attrs)
     inputs = []
-    for (pos, data), row, view in zip(read_items(uris), rows, views, strict=True):
+    for (pos, data), row, view in zip(read_items(uris, limits.max_bytes), rows, views, strict=True):
         if isinstance(data, Exception):
             return None, f"source image '{uris[pos]}' unreadable ({type(data).__name__})"
         try:
-            image = decode_image(data)
+            image = decode_image(data, limits)
         except SkipSample as exc:
             return None, f"source image '{uris[pos]}' no longer decodes ({exc})"
         box = np.concatenate([samples["view_box"][row, view], [samples["view_hflip"][row, view]]])

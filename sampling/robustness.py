@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipeline.config import validate_config
+from pipeline.decode import ImageLimits
 from pipeline.run import run_all
 from pipeline.variants import ATTACKS, CLEAN, OOD, write_variants
 from sampling import metrics
@@ -78,7 +79,10 @@ def variants_run(config: dict, device: str | None = None) -> Path:
     sources = [str(root.samples()["source"][analysis.rows[key]]) for key in keys]
     crop_pct = root.root.attrs["views"]["eval_crop_pct"]
     folder = robustness_folder(config) / "variants"
-    write_variants(folder, analysis.backbone(), keys, sources, config["robustness"], crop_pct)
+    limits = ImageLimits.of_store(root.root.attrs)  # the images as extraction read them
+    write_variants(
+        folder, analysis.backbone(), keys, sources, config["robustness"], crop_pct, limits
+    )
     return folder
 
 

@@ -230,10 +230,16 @@ def _check_same_plan(
         )
     stored = root["samples/key"][:]
     if len(stored) != len(keys) or any(a != b for a, b in zip(stored, keys, strict=True)):
-        raise StoreError(
-            f"source listing changed since store '{url}' was created "
-            f"({len(stored)} -> {len(keys)} samples): use a new store"
-        )
+        raise StoreError(f"source listing changed since store '{url}' was created "
+                         f"({_listing_change(list(stored), keys)}): use a new store")  # fmt: skip
+
+
+def _listing_change(before: Sequence[str], after: Sequence[str]) -> str:
+    """ "1 added (cats/new), 2 removed (dogs/a, dogs/b)": how two listings differ, by key."""
+    added, removed = sorted(set(after) - set(before)), sorted(set(before) - set(after))
+    parts = [f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for what, keys in (("added", added), ("removed", removed)) if keys]  # fmt: skip
+    return ", ".join(parts) or "the same keys in another order"
 
 
 def _add_groups(root: zarr.Group, groups: dict[str, list[str]]) -> None:

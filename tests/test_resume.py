@@ -96,8 +96,10 @@ def test_changed_source_refuses_to_resume(one_backbone, small_dir, tmp_path):
     config = one_backbone
     plan_store(config)
     fewer = validate_config({**config, "limit": 5})
-    with pytest.raises(RuntimeError, match="source listing changed"):
+    with pytest.raises(RuntimeError, match=r"source listing changed .* \(\d+ removed \(\w+/"):
         plan_store(fewer)
+    with pytest.raises(RuntimeError, match=r"planned with image_limits .* use a new store"):
+        plan_store(validate_config({**config, "image_limits": {"min_side": 1}}))
     with pytest.raises(RuntimeError, match="shard_size 4, config asks for 2"):
         plan_store(validate_config({**config, "shard_size": 2}))
 

@@ -18,6 +18,7 @@ from skimage import data
 
 from pipeline.backbones import BackboneSpec, load_backbone
 from pipeline.config import ConfigError, validate_config
+from pipeline.decode import ImageLimits
 from pipeline.variants import Variant, attacked, clean_view, corrupted, variants_of
 from sampling.reextract import classify, inputs
 from sampling.report import OOD_SHOWN, ROBUSTNESS_SHOWN, _robustness, _robustness_result, fmt
@@ -37,7 +38,7 @@ def chelsea(lite0) -> np.ndarray:
     """The cat photo's evaluation view at the backbone's input size, `[1, 224, 224, 3]`."""
     buffer = io.BytesIO()
     Image.fromarray(data.chelsea()).save(buffer, format="PNG")
-    return clean_view(lite0, buffer.getvalue(), 0.875)[None]
+    return clean_view(lite0, buffer.getvalue(), 0.875, ImageLimits())[None]
 
 
 def top1(backbone, images: np.ndarray) -> list[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import webdataset as wds
 from PIL import Image
 from skimage import data
 
+from pipeline.decode import SkipSample
 from pipeline.sources import IMAGE_EXTENSIONS, Listing, SourceItem, list_source, read_items
 
 
@@ -306,3 +308,101 @@ def test_tar_listing_streams_once_from_non_seekable_file(
     listing = list_source(str(tmp_path / "gz.tar"))
     assert [it.label for it in listing.items] == [3, 7, -1, 5]
     assert _read_all([it.uri for it in listing.items])[1] == photos["coffee.jpg"]
+
+
+def test_a_file_over_the_limit_is_never_read_whole(
+    tmp_path: Path, photos: dict[str, bytes]
+) -> None:
+    """A misnamed video or disk image larger than memory must be a skip, not a MemoryError."""
+    huge = tmp_path / "c/huge.jpg"
+    huge.parent.mkdir()
+    with open(huge, "wb") as fh:  # sparse: 256 MiB on paper, nothing on disk
+        fh.truncate(256 * 2**20)
+    shard = _write_shard(tmp_path / "s.tar", [{"__key__": "big", "jpg": b"\xff" * 5000}])
+    uris = [huge.as_uri(), *(it.uri for it in list_source(str(shard)).items)]
+    tracemalloc.start()
+    values = [value for _, value in read_items(uris, max_bytes=1000)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 * 2**20
+    assert [str(v) for v in values] == [
+        f"file too large: {256 * 2**20} bytes > limit 1000",
+        "file too large: 5000 bytes > limit 1000",
+    ]
+    assert all(isinstance(v, SkipSample) for v in values)
+    assert _read_all(uris[1:]) == [b"\xff" * 5000]  # no limit: read
+
+
+def test_names_with_double_colons_read_their_own_bytes(
+    tmp_path: Path, photos: dict[str, bytes]
+) -> None:
+    """fsspec reads "::" in a URL as a chain of filesystems: `b::c.jpg` would open `b`."""
+    root = _write(tmp_path / "f", {"c/b": photos["camera.png"], "c/b::c.jpg": photos["coffee.jpg"]})
+    (item,) = list_source(str(root)).items
+    assert item.key == "c/b__c" and _read_all([item.uri]) == [photos["coffee.jpg"]]
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, payload in (("a::b.jpg", photos["chelsea.jpg"]), ("a", photos["camera.png"])):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    (member,) = list_source(str(shard)).items
+    assert _read_all([member.uri]) == [photos["chelsea.jpg"]]
+
+
+def test_a_tar_member_name_given_twice_is_read_once(
+    tmp_path: Path, photos: dict[str, bytes]
+) -> None:
+    """A reader finds a member by name, so a second member of the same name would be read as the
+    first one's bytes under its own key: it is ignored, and said so."""
+    shard = _write_shard(
+        tmp_path / "t.tar",
+        [
+            {"__key__": "dup", "jpg": photos["chelsea.jpg"]},
+            {"__key__": "other", "jpg": photos["coffee.jpg"]},
+            {"__key__": "dup", "jpg": photos["camera.png"]},
+        ],
+    )
+    listing = list_source(str(shard))
+    assert [it.key for it in listing.items] == ["t/dup", "t/other"]
+    assert listing.ignored == ["t.tar:dup.jpg (a second member of this name)"]
+    assert _read_all([it.uri for it in listing.items]) == [
+        photos["chelsea.jpg"],
+        photos["coffee.jpg"],
+    ]
+
+
+def test_a_broken_shard_does_not_stop_the_others(tmp_path: Path, photos: dict[str, bytes]) -> None:
+    """A truncated shard keeps the samples before the break; a label that is not an integer
+    leaves its image unlabeled; both are said in `ignored`."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    good = _write_shard(shards / "a.tar", [{"__key__": "x", "jpg": photos["chelsea.jpg"],
+                                              "cls": b"dog"}])  # fmt: skip
+    whole = _write_shard(tmp_path / "b.tar", _shard_samples(photos, "b")).read_bytes()
+    (shards / "b.tar").write_bytes(whole[: len(whole) * 2 // 3])
+    listing = list_source(str(shards))
+    assert [(it.key, it.label) for it in listing.items][:2] == [("a/x", -1), ("b/b0", 3)]
+    assert listing.ignored[0] == "a.tar:x.cls (.cls is not an integer: b'dog'; unlabeled)"
+    (broken,) = (i for i in listing.ignored if i.startswith("b.tar (unreadable after "))
+    assert "cannot read tar" in broken
+    values = _read_all([it.uri for it in listing.items])
+    assert values[:3] == [photos["chelsea.jpg"], photos["chelsea.jpg"], photos["coffee.jpg"]]
+    assert isinstance(values[-1], Exception)  # the sample cut by the break: a recorded skip
+    assert [it.key for it in list_source(str(good)).items] == ["a/x"]
+
+
+def test_symlinked_class_folders_are_followed_once(
+    tmp_path: Path, photos: dict[str, bytes]
+) -> None:
+    """As torchvision's ImageFolder does; a link back up the tree does not loop."""
+    elsewhere = _write(tmp_path / "elsewhere", {"d.jpg": photos["coffee.jpg"]})
+    root = _write(tmp_path / "coll", {"cats/c.jpg": photos["chelsea.jpg"]})
+    (root / "dogs").symlink_to(elsewhere, target_is_directory=True)
+    (root / "cats/loop").symlink_to(root, target_is_directory=True)
+    listing = list_source(str(root))
+    assert [(it.key, it.label) for it in listing.items] == [("cats/c", 0), ("dogs/d", 1)]
+    assert _read_all([it.uri for it in listing.items]) == [
+        photos["chelsea.jpg"],
+        photos["coffee.jpg"],
+    ]

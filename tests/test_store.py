@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from pipeline.config import validate_config
 from storage_specs.layout import StoreError
 from storage_specs.reader import open_store
 from storage_specs.validate import lossy_errors, validate_store
-from tests.conftest import build_store, make_config
+from tests.conftest import build_store, cli, featinv, make_config
 
 FAST = [
     {
@@ -166,6 +167,24 @@ def test_validator_reports_each_kind_of_damage(small_dir, tmp_path):
     (version / "zarr.json").write_text(json.dumps(meta))
     assert "featinv_spec is 'featinv-store/0'" in validate_store(str(version))[0]
     assert "no featinv store" in validate_store(str(tmp_path / "nothing.zarr"))[0]
+
+
+def test_no_store_and_no_credentials_exit_2_in_one_line(tmp_path):
+    """Errors a user fixes (README: exit 2), not INVALID lines (1) or a botocore traceback."""
+    missing = cli("validate", str(tmp_path / "nothing.zarr"))
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [
+        f"featinv: error: no featinv store at '{tmp_path / 'nothing.zarr'}'"
+    ]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+               AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL="http://127.0.0.1:9")  # fmt: skip
+    result = featinv("validate", "s3://bucket/store.zarr", env=env)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "featinv: error: object store at http://127.0.0.1:9: no credentials (NoCredentialsError);"
+        " set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+    ]
 
 
 def test_reader_rows_and_shards(small_dir, tmp_path):
