@@ -173,17 +173,24 @@ def _visible_files(fs: AbstractFileSystem, root: str) -> list[str]:
 
 def _find(fs: AbstractFileSystem, root: str) -> list[str]:
     """Every file under `root`. On local disk, symlinked folders are followed, as torchvision's
-    ImageFolder does (fsspec's find does not); a folder reached twice is listed once."""
+    ImageFolder does (fsspec's find does not), a folder reached twice is listed once, and what is
+    not a file (a named pipe would block its reader forever) is left out; a dangling link stays,
+    to be recorded as unreadable."""
     if not isinstance(fs, LocalFileSystem):
         return fs.find(root)
-    files, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+    files, seen, todo = [], set(), [root]
+    while todo:
+        folder = todo.pop()
         real = os.path.realpath(folder)
         if real in seen:  # a link back up the tree, or a second link to one folder
-            subfolders.clear()
             continue
         seen.add(real)
-        files += [f"{folder}/{name}" for name in names]
+        with os.scandir(folder) as entries:  # file types without a stat per file
+            for entry in entries:
+                if entry.is_dir():
+                    todo.append(entry.path)
+                elif entry.is_file() or entry.is_symlink():
+                    files.append(entry.path)
     return files
 
 

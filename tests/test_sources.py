@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tarfile
 import tracemalloc
 import uuid
@@ -395,11 +396,13 @@ def test_a_broken_shard_does_not_stop_the_others(tmp_path: Path, photos: dict[st
 def test_symlinked_class_folders_are_followed_once(
     tmp_path: Path, photos: dict[str, bytes]
 ) -> None:
-    """As torchvision's ImageFolder does; a link back up the tree does not loop."""
+    """As torchvision's ImageFolder does; a link back up the tree does not loop; a named pipe is
+    not a file."""
     elsewhere = _write(tmp_path / "elsewhere", {"d.jpg": photos["coffee.jpg"]})
     root = _write(tmp_path / "coll", {"cats/c.jpg": photos["chelsea.jpg"]})
     (root / "dogs").symlink_to(elsewhere, target_is_directory=True)
     (root / "cats/loop").symlink_to(root, target_is_directory=True)
+    os.mkfifo(root / "cats/pipe.jpg")  # reading it would block forever
     listing = list_source(str(root))
     assert [(it.key, it.label) for it in listing.items] == [("cats/c", 0), ("dogs/d", 1)]
     assert _read_all([it.uri for it in listing.items]) == [
