@@ -138,7 +138,10 @@ def create_store(
     Re-running a plan against an existing store is how runs resume, so the listing must match
     exactly: a changed source would silently misalign rows.
     """
-    root = zarr.open_group(url, mode="a", zarr_format=3, use_consolidated=False)
+    try:
+        root = zarr.open_group(url, mode="a", zarr_format=3, use_consolidated=False)
+    except FileNotFoundError as exc:  # e.g. a bucket that does not exist: nothing to create it in
+        raise StoreError(f"cannot create store '{url}': {' '.join(str(exc).split())}") from None
     if "featinv_spec" in root.attrs:
         _check_same_plan(root, url, keys, shard_size, views)
         _add_groups(root, groups)

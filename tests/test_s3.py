@@ -30,7 +30,7 @@ from pipeline.endpoints import quiet_lost_connections, unreachable_message
 from pipeline.sources import read_items
 from storage_specs.provenance import provenance, redact_url
 from storage_specs.validate import validate_store
-from tests.conftest import SMALL, featinv, make_config, snakemake, store_objects, write_config
+from tests.conftest import SMALL, cli, featinv, make_config, snakemake, store_objects, write_config
 from tests.s3server import ACCESS_KEY, SECRET_KEY
 
 # Small and fast: 9 photos (one truncated) in 9 shards (two jobs of 5 and 4: a run is caught
@@ -318,6 +318,17 @@ def test_unreachable_store_fails_commands_in_one_line(s3, reference, monkeypatch
             " committed shards are kept, rerun the same command once it is back"
         ]
         _no_credentials(args[0], result.stderr.encode())
+
+
+def test_a_store_in_a_bucket_that_does_not_exist_is_one_line(s3, images, tmp_path):
+    """A deleted bucket (or a typo in its name): nothing to create the store in."""
+    config = make_config(tmp_path, f"{images}/images", store="s3://no-such-bucket/x.zarr", **CONFIG)
+    result = cli("plan", str(write_config(tmp_path, config)))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "featinv: error: cannot create store 's3://no-such-bucket/x.zarr': The specified bucket "
+        "does not exist"
+    ]
 
 
 def test_credentials_never_in_provenance(s3, tmp_path, capsys):
