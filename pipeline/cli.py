@@ -125,7 +125,12 @@ def _dask(address: str | None) -> contextlib.AbstractContextManager:
 
 def cmd_validate(args) -> None:
     from storage_specs.samples import is_samples_store, validate_samples
-    from storage_specs.validate import lossy_errors, pending_stages, validate_store
+    from storage_specs.validate import (
+        lossy_errors,
+        pending_stages,
+        validate_store,
+        withdraw_damaged,
+    )
 
     check_url("store", args.store)
     samples = is_samples_store(args.store)
@@ -142,6 +147,11 @@ def cmd_validate(args) -> None:
             )  # fmt: skip
     for problem in problems:
         print(f"INVALID {problem}", file=sys.stderr)
+    withdrawn = withdraw_damaged(args.store, problems) if args.repair and not samples else []
+    if withdrawn:
+        print(f"withdrew {len(withdrawn)} commit(s) ({', '.join(withdrawn[:5])}"
+              f"{', ...' if len(withdrawn) > 5 else ''}): rerun the pipeline to redo those "
+              "shards", file=sys.stderr)  # fmt: skip
     if problems:
         sys.exit(1)
     if stages:
@@ -356,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("validate", cmd_validate, "check a store against the spec; exit 1 on any problem")
     p.add_argument("store")
     p.add_argument("--metadata-only", action="store_true", help="skip reading every chunk")
+    p.add_argument("--repair", action="store_true",
+                   help="withdraw the commits of missing or damaged shards, so that the next run "
+                        "of the pipeline redoes them")  # fmt: skip
     dask_help = (
         "read the shards on this dask cluster: tcp://host:port, a scheduler file, or 'local' "
         "(a LocalCluster on this machine)"

@@ -85,7 +85,9 @@ def finalize_store(url: str, groups: list[str] | None = None, progress: bool = T
     root["samples/view_hflip"][:] = fields["views"][..., 4] > 0
     problems = validate_store(url, require_complete=False, groups=ready, progress=progress)
     if problems:
-        raise StoreError("store failed validation:\n  " + "\n  ".join(problems))
+        raise StoreError("store failed validation:\n  " + "\n  ".join(problems) + "\n"
+                         f"`featinv validate --repair {url}` withdraws the commits of missing or "
+                         "damaged shards; the next run redoes them")  # fmt: skip
     todo = [
         path
         for path in stored_arrays(root)

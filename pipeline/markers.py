@@ -5,7 +5,9 @@ finalized-*.json) that describe a store that is gone (deleted, its bucket emptie
 by another one (another `store_id`) are stale: Snakemake would answer "Nothing to be done" and
 leave no store.
 Removing them makes the run rebuild the store; shards a replacing store has committed are kept
-(resume is the store's).  One small read: the root's zarr.json.
+(resume is the store's).  Markers ahead of their store (a store put back from an older copy, a
+commit record deleted, `featinv validate --repair`) are removed one by one: the run redoes those
+jobs and the finishing.  Small reads: the root's zarr.json and one listing of commits per group.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ def root_attrs(url: str) -> dict | None:
     except FileNotFoundError:
         return None
     except Exception as exc:
-        message = unreachable_message(exc)
-        if message is None:
-            raise
-        raise StoreError(f"cannot check store {url}: {message}") from None
+        raise _one_line(url, exc) from None
     attrs = meta.get("attributes", {})
     return attrs if "featinv_spec" in attrs else None
+
+
+def _one_line(url: str, exc: Exception) -> Exception:
+    message = unreachable_message(exc)
+    return exc if message is None else StoreError(f"cannot check store {url}: {message}")
 
 
 def stale_reason(work: Path, url: str) -> str | None:
@@ -55,6 +59,42 @@ def stale_reason(work: Path, url: str) -> str | None:
     return None
 
 
+def ahead_of_store(work: Path, url: str) -> tuple[list[Path], str] | None:
+    """The markers of jobs and finishing steps the store at `url` does not have (its commits,
+    its summary), and why; None when the store has them all. Run after `stale_reason`."""
+    plan = json.loads((work / "plan.json").read_text())
+    committed = _committed_shards(url, list(plan["groups"]))
+    behind = [marker for marker in sorted(work.glob("shards/*/*.json"))
+              if not _shards_of(marker) <= committed.get(marker.parent.name, set())]  # fmt: skip
+    summary = (root_attrs(url) or {}).get("summary")
+    redo = {marker.parent.name for marker in behind}
+    finalized = [marker for marker in sorted(work.glob("finalized-*.json"))
+                 if summary is None or (redo | set(summary["pending_groups"]))
+                 & set(plan["stages"][marker.stem.removeprefix("finalized-")])]  # fmt: skip
+    if not behind and not finalized:
+        return None
+    what = f"{len(behind)} job(s) of shards" if behind else "the finishing"
+    return behind + finalized, f"store {url} lacks {what} its markers in {work} record"
+
+
+def _shards_of(marker: Path) -> set[int]:
+    first, last = marker.stem.split("-")
+    return set(range(int(first), int(last) + 1))
+
+
+def _committed_shards(url: str, groups: list[str]) -> dict[str, set[int]]:
+    """The shards each group has committed: commits/<group>/<shard>/zarr.json, one listing each."""
+    fs, path = fsspec.core.url_to_fs(url)
+    committed = {}
+    for group in groups:
+        try:
+            records = fs.glob(f"{path.rstrip('/')}/commits/{group}/*/zarr.json")
+        except Exception as exc:
+            raise _one_line(url, exc) from None
+        committed[group] = {int(record.split("/")[-2]) for record in records}
+    return committed
+
+
 def remove_markers(work: Path) -> None:
     (work / "plan.json").unlink(missing_ok=True)
     shutil.rmtree(work / "shards", ignore_errors=True)
@@ -66,6 +106,7 @@ def check_markers(work: Path, url: str, dry_run: bool = False) -> None:
     """Remove stale markers (a dry run only says so), with one line saying why."""
     reason = stale_reason(work, url)
     if reason is None:
+        _remove_ahead(work, url, dry_run)
         return
     if dry_run:
         print(f"featinv: {reason}; a run (not a dry run) rebuilds it", file=sys.stderr)
@@ -80,3 +121,18 @@ def finalized_markers(work: Path) -> dict[str, int]:
     """The finishing stages' markers and their mtimes: compared before and after a run, they say
     whether the run finished a stage (and so should print the store's summary)."""
     return {marker.name: marker.stat().st_mtime_ns for marker in work.glob("finalized-*.json")}
+
+
+def _remove_ahead(work: Path, url: str, dry_run: bool) -> None:
+    if not (work / "plan.json").exists():
+        return
+    found = ahead_of_store(work, url)
+    if found is None:
+        return
+    markers, reason = found
+    if dry_run:
+        print(f"featinv: {reason}; a run (not a dry run) redoes them", file=sys.stderr)
+        return
+    for marker in markers:
+        marker.unlink()
+    print(f"featinv: {reason}; those markers are removed and the run redoes them", file=sys.stderr)

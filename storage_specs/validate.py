@@ -7,6 +7,7 @@ a store in one run; each problem names the array and shard it concerns.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, NamedTuple
@@ -23,6 +24,8 @@ from storage_specs.layout import (
     StoreError,
     array_chunks,
     array_dims,
+    commit_path,
+    consolidate,
     is_lossy,
     n_shards,
     open_root,
@@ -217,6 +220,29 @@ def _lossy_problems(url: str) -> list[str]:
         for path, e in lossy_errors(url).items()
         if e["measured"] > e["limit"]
     ]
+
+
+# How shard_problems names a shard: "<array path> shard <n> (samples a-b): ..."
+_SHARD_PROBLEM = re.compile(r"^(\S+) shard (\d+) \(samples ")
+
+
+def withdraw_damaged(url: str, problems: list[str]) -> list[str]:
+    """Withdraw the commits of the shards that `problems` (`validate_store`'s) find missing,
+    unreadable or not finite, and mark the store unfinished, so the next run of the pipeline
+    redoes exactly those shards and the finishing (its markers follow the store). Returns the
+    withdrawn commit records."""
+    root = open_root(url, mode="r+")
+    damaged = {(root[m[1]].attrs["group"], int(m[2]))
+               for m in map(_SHARD_PROBLEM.match, problems) if m}  # fmt: skip
+    withdrawn = sorted(commit_path(group, shard) for group, shard in damaged)
+    for path in withdrawn:
+        del root[path]
+    if withdrawn:
+        root.attrs.update({"complete": False})
+        if "summary" in root.attrs:
+            del root.attrs["summary"]
+        consolidate(url)  # readers of the snapshot see an unfinished store too
+    return withdrawn
 
 
 def _shards(root: zarr.Group) -> Iterator[tuple[int, int, int]]:

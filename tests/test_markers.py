@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import s3fs
@@ -14,7 +15,7 @@ import zarr
 from pipeline.markers import stale_reason
 from pipeline.plan import plan_store
 from storage_specs.validate import validate_store
-from tests.conftest import make_config, snakemake, write_config
+from tests.conftest import cli, make_config, snakemake, write_config
 
 # One shard of the small collection, one small random backbone: three jobs per run.
 CONFIG = {
@@ -101,3 +102,36 @@ def test_markers_of_an_older_featinv_are_stale(small_dir, tmp_path):
     assert stale_reason(work, config["store"]) == (
         f"the markers of store {config['store']} come from an older featinv"
     )
+
+
+def _remove(url: str, path: str) -> None:
+    """Remove one object of the store, as a user or a failing disk might."""
+    if not url.startswith("s3://"):
+        (Path(url) / path).unlink()
+        return
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    fs.rm(f"{url.removeprefix('s3://')}/{path}")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_damaged_or_rolled_back_store_is_redone(small_dir, tmp_path, store):
+    """Markers ahead of their store do not answer "Nothing to be done": a shard file lost, found
+    by `featinv validate`, whose `--repair` withdraws its commit (as a store put back from an older
+    copy lacks commits), is redone by the same command, to the same values."""
+    config = make_config(tmp_path, small_dir, store=store, **CONFIG)
+    write_config(tmp_path, config)
+    _run(tmp_path)
+    store_id = _complete(store)
+    array = "features/resnet18/layer4"
+    values = zarr.open_group(store, mode="r")[array][:]
+
+    _remove(store, f"{array}/c/0/0/0/0/0")
+    checked = cli("validate", store, "--repair")
+    assert checked.returncode == 1
+    assert f"INVALID {array} shard 0 (samples 0-8): shard missing" in checked.stderr
+    assert "withdrew 1 commit(s) (commits/main/00000): rerun the pipeline" in checked.stderr
+    s3fs.S3FileSystem.clear_instance_cache()
+    out = _run(tmp_path)
+    assert f"featinv: store {store} lacks 1 job(s) of shards its markers in " in out
+    assert _complete(store) == store_id
+    assert (zarr.open_group(store, mode="r")[array][:] == values).all()
