@@ -20,6 +20,7 @@ from storage_specs.layout import (
     StoreError,
     n_shards,
     open_root,
+    shard_exists,
     shard_range,
     stored_arrays,
 )
@@ -42,6 +43,7 @@ class FeatureStore:
         self.n_samples: int = self.root.attrs["n_samples"]
         self.shard_size: int = self.root.attrs["shard_size"]
         self.complete: bool = self.root.attrs["complete"]
+        self._valid: np.ndarray | None = None  # samples/valid, read on the first shard read
 
     @property
     def n_shards(self) -> int:
@@ -73,7 +75,9 @@ class FeatureStore:
     def read_shard(self, path: str, shard: int) -> np.ndarray:
         """All rows of one shard: one object read, the fastest way through a store."""
         start, stop = shard_range(shard, self.shard_size, self.n_samples)
-        return self.root[path][start:stop]
+        arr = self.root[path]
+        self._require_shard(arr, shard, start, stop)
+        return arr[start:stop]
 
     def read_rows(self, path: str, rows: Sequence[int]) -> np.ndarray:
         """Rows in the order given; rows are grouped by shard so each shard is visited once."""
@@ -83,12 +87,21 @@ class FeatureStore:
         for shard in np.unique(rows // self.shard_size):
             where = np.flatnonzero(rows // self.shard_size == shard)
             start, stop = shard_range(int(shard), self.shard_size, self.n_samples)
+            self._require_shard(arr, int(shard), start, stop)
             if len(where) * 4 >= stop - start:  # dense: one read of the whole shard
                 out[where] = arr[start:stop][rows[where] - start]
             else:  # sparse: one chunk per row
                 for i in where:
                     out[i] = arr[int(rows[i])]
         return out
+
+    def _require_shard(self, arr: zarr.Array, shard: int, start: int, stop: int) -> None:
+        """A shard with valid rows is there: zarr reads a missing one as fill values (zeros)."""
+        if self._valid is None:
+            self._valid = self.root["samples/valid"][:]
+        if self._valid[start:stop].any() and not shard_exists(arr, shard):
+            repair = f"`featinv validate --repair {self.url}`, then rerun the pipeline"
+            raise StoreError(f"{self.url}: {arr.path} shard {shard} is missing; {repair}")
 
     def describe(self) -> dict:
         """Counts, skip reasons and sizes, as `featinv info` prints them."""

@@ -198,6 +198,10 @@ def test_reader_rows_and_shards(small_dir, tmp_path):
     assert info["n_valid"] == 8 and info["skipped"][0]["key"] == "food/coffee_truncated"
     with pytest.raises(StoreError, match="has no features/resnet18/layer9"):
         store.array("resnet18", "layer9")
+    (Path(store.url) / path / "c/1/0/0/0/0").unlink()  # lost: zarr would read zeros
+    for read in (lambda: store.read_rows(path, [0, 5]), lambda: store.read_shard(path, 1)):
+        with pytest.raises(StoreError, match=r"layer4 shard 1 is missing; `featinv validate --rep"):
+            read()
 
 
 @pytest.mark.parametrize(("dtype", "storage"), [("fp32", np.float32), ("bf16", np.float32)])
