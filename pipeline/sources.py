@@ -24,7 +24,7 @@ from fsspec import AbstractFileSystem, get_filesystem_class
 from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.decode import SkipSample
+from pipeline.decode import ImageLimits, SkipSample
 
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jfif"}
@@ -89,7 +89,7 @@ def list_source(url: str) -> Listing:
 
 
 def read_items(
-    uris: Sequence[str], max_bytes: int | None = None
+    uris: Sequence[str], max_bytes: int | None = ImageLimits.max_bytes
 ) -> Iterator[tuple[int, bytes | Exception]]:
     """Yield (position, bytes) for every uri in input order or (position, exception) when the
     input can't be read (missing, unreadable, a broken tar; a SkipSample for a file over
