@@ -78,10 +78,11 @@ def validate_store(
     problems = _schema_problems(root.attrs, "root", "root")
     if problems:
         return problems
-    if require_complete and not root.attrs["complete"]:
+    unfinished = require_complete and not root.attrs["complete"]
+    if unfinished:
         problems.append("root: store is not complete; run the pipeline to the end")
     groups = list(root.attrs["groups"]) if groups is None else groups
-    problems += _sample_problems(root)
+    problems += _sample_problems(root, gathered=not unfinished)
     arrays = [p for p in stored_arrays(root) if root[p].attrs.get("group") in groups]
     problems += [p for path in arrays for p in _array_problems(root, path)]
     problems += _commit_problems(root, arrays, groups)
@@ -121,7 +122,8 @@ def pending_stages(url: str) -> Stages | None:
     return Stages(finished, pending, sorted(set(root.attrs["groups"]) - waiting))
 
 
-def _sample_problems(root: zarr.Group) -> list[str]:
+def _sample_problems(root: zarr.Group, gathered: bool) -> list[str]:
+    """`gathered`: finalize has filled valid and error (not so in a store said to be unfinished)."""
     if "samples" not in root:
         return ["samples: group missing"]
     problems = _schema_problems(root["samples"].attrs, "samples", "samples")
@@ -135,7 +137,7 @@ def _sample_problems(root: zarr.Group) -> list[str]:
             problems.append(f"{path}: shape {root[path].shape}, expected {shapes[field]}")
     if not problems:
         valid, error = root["samples/valid"][:], root["samples/error"][:]
-        if any(bool(v) == bool(e) for v, e in zip(valid, error, strict=True)):
+        if gathered and any(bool(v) == bool(e) for v, e in zip(valid, error, strict=True)):
             problems.append("samples/error: must be empty exactly for valid samples")
         if "sample" not in root or list(root["sample"][:]) != list(root["samples/key"][:]):
             problems.append("sample: the root coordinate must hold samples/key")
@@ -169,6 +171,7 @@ def _commit_problems(root: zarr.Group, arrays: list[str], groups: list[str]) -> 
     n, shard_size = root.attrs["n_samples"], root.attrs["shard_size"]
     for group in groups:
         expected = sorted(p for p in arrays if root[p].attrs["group"] == group)
+        gone: set[str] = set()  # committed arrays the store no longer has (deleted folders)
         for shard in range(n_shards(n, shard_size)):
             record = read_commit(root, group, shard)
             where = f"commits/{group}/{shard:05d}"
@@ -178,8 +181,11 @@ def _commit_problems(root: zarr.Group, arrays: list[str], groups: list[str]) -> 
             problems += _schema_problems(record, "commit", where)
             if (record.get("start"), record.get("stop")) != shard_range(shard, shard_size, n):
                 problems.append(f"{where}: rows {record.get('start')}-{record.get('stop')} wrong")
-            if record.get("arrays") != expected:
-                problems.append(f"{where}: commits {record.get('arrays')}, expected {expected}")
+            committed = record.get("arrays") or []
+            gone |= set(committed) - set(expected)
+            if sorted(set(committed) & set(expected)) != expected:
+                problems.append(f"{where}: commits {committed}, expected {expected}")
+        problems += [f"{path}: array missing (committed by group {group})" for path in sorted(gone)]
     return problems
 
 

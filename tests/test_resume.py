@@ -82,6 +82,9 @@ def test_torn_shard_is_rewritten_whole(one_backbone, tmp_path):
     torn = store / "features/resnet18/layer4/c/1/0/0/0/0"
     torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])
     assert validate_store(str(store), require_complete=False, check_data=False)
+    unfinished = validate_store(str(store), check_data=False)  # what `featinv validate` prints
+    assert unfinished[0] == "root: store is not complete; run the pipeline to the end"
+    assert not any(p.startswith("samples/") for p in unfinished)  # not gathered yet: no noise
 
     plan_store(config)  # a rerun re-plans: same listing, nothing changes
     committed = (store / "features/resnet18/layer4/c/0/0/0/0/0").stat().st_mtime_ns

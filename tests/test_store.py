@@ -147,6 +147,12 @@ def test_validator_reports_each_kind_of_damage(small_dir, tmp_path):
     shutil.rmtree(missing / "features/resnet18/layer2/c/1")
     assert any("layer2 shard 1" in p and "missing" in p for p in validate_store(str(missing)))
 
+    gone = damaged("gone.zarr")
+    shutil.rmtree(gone / "features/resnet18/layer2")
+    assert validate_store(str(gone)) == [
+        "features/resnet18/layer2: array missing (committed by group main)"
+    ]
+
     uncommitted = damaged("uncommitted.zarr")
     shutil.rmtree(uncommitted / "commits/main/00002")
     assert any(
