@@ -5,7 +5,9 @@ For teams whose loaders speak webdataset: each (valid sample, view) becomes one 
 with allow_pickle=False by webdataset's decoder), keys carry no dots, and the store is read shard
 by shard.  Each tar holds whole consecutive store shards and is one task, so tars are written in
 parallel (threads here, or a dask cluster's workers) and read in name order give the samples in
-row order, whoever wrote them.
+row order, whoever wrote them.  Each tar appears under its name only once whole (written as
+`.partial`, then renamed), and `export.json` beside them says which tars an export makes and
+whether all are written: a folder of another export is refused, so no stale tar is ever mixed in.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import webdataset as wds
 
 from storage_specs.compute import run_tasks
 from storage_specs.layout import SAMPLE_FIELDS, VIEW_FIELDS, shard_range
+from storage_specs.provenance import redact_url
 from storage_specs.reader import FeatureStore
 
 if TYPE_CHECKING:
     from distributed import Client
 
 SAMPLE_OVERHEAD = 2048  # bytes of a tar sample besides its arrays: headers and json, about
+MANIFEST = "export.json"
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -65,11 +69,13 @@ def write_tar(url: str, features: str, target: str | None, shards: list[int], ta
     """One task: the samples of `shards` into the tar at URL `tar`; returns how many."""
     store = FeatureStore(url)
     count = 0
-    with fsspec.open(tar, "wb") as f, wds.TarWriter(f) as sink:
+    fs, path = fsspec.core.url_to_fs(tar)
+    with fs.open(f"{path}.partial", "wb") as f, wds.TarWriter(f) as sink:
         for shard in shards:
             for sample in _shard_samples(store, features, target, shard):
                 sink.write(sample)
                 count += 1
+    fs.mv(f"{path}.partial", path)  # whole, or not there under its name
     return count
 
 
@@ -107,13 +113,42 @@ def export_webdataset(
         raise ValueError(f"store '{url}' is not complete; finish the pipeline first")
     paths = [p for p in (features, target) if p]
     for path in paths:
-        if path not in store.root:
-            arrays = ", ".join(store.arrays())
-            raise ValueError(f"store '{url}' has no {path}; arrays: {arrays}")
+        store.require(path)  # an array: not a group, not samples/
     fs, root = fsspec.core.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
+    root = root.rstrip("/")
+    if fs.isfile(root):
+        raise ValueError(f"export folder '{out}' is a file")
     groups = plan_tars(store, paths, max_bytes)
-    tars = [fs.unstrip_protocol(f"{root.rstrip('/')}/{i:05d}.tar") for i in range(len(groups))]
+    names = [f"{i:05d}.tar" for i in range(len(groups))]
+    manifest = {"store": redact_url(url), "features": features, "target": target, "tars": names}
+    _claim(fs, root, out, manifest)
+    tars = [fs.unstrip_protocol(f"{root}/{name}") for name in names]
     calls = [(url, features, target, shards, tar) for shards, tar in zip(groups, tars, strict=True)]
-    run_tasks(write_tar, calls, client, "export", progress)
+    counts = run_tasks(write_tar, calls, client, "export", progress)
+    _write_manifest(fs, root, {**manifest, "samples": counts, "complete": True})
     return tars
+
+
+def _claim(fs, root: str, out: str, manifest: dict) -> None:
+    """Make `root` this export's folder: empty, or one this same export began (a rerun after a
+    kill or failure rewrites it); its manifest says `complete: false` until every tar is written."""
+    fs.makedirs(root, exist_ok=True)
+    tars = sorted(path.rsplit("/", 1)[-1] for path in fs.glob(f"{root}/*.tar"))
+    try:
+        before = json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except FileNotFoundError:
+        before = None
+    same = before is not None and {k: before.get(k) for k in manifest} == manifest
+    if tars and not same:
+        shown = ", ".join(tars[:3]) + (", ..." if len(tars) > 3 else "")
+        raise ValueError(f"export folder '{out}' holds {len(tars)} tar(s) of another export "
+                         f"({shown}): use an empty folder")  # fmt: skip
+    for partial in fs.glob(f"{root}/*.tar.partial"):  # a killed writer's
+        fs.rm(partial)
+    _write_manifest(fs, root, {**manifest, "complete": False})
+
+
+def _write_manifest(fs, root: str, manifest: dict) -> None:
+    with fs.open(f"{root}/{MANIFEST}.partial", "w") as f:
+        json.dump(manifest, f, indent=1)
+    fs.mv(f"{root}/{MANIFEST}.partial", f"{root}/{MANIFEST}")

@@ -46,10 +46,12 @@ def _is_consolidated(url: str) -> bool:
 
 def migrate_store(url: str) -> list[str]:
     """Upgrade the store at `url`; returns the arrays whose dimension names changed."""
+    root = open_root(url, mode="r+")  # no store there: one line
     consolidated = _is_consolidated(url)  # (rewriting the root's attributes drops the snapshot)
-    root = open_root(url, mode="r+")
     spec = root.attrs.get("featinv_spec")
     if spec == SPEC_VERSION:
+        if root.attrs.get("complete") and not consolidated:  # a run stopped after the flip
+            consolidate(url)
         return []
     if spec != FROM_SPEC:
         raise StoreError(f"'{url}' has featinv_spec {spec!r}; featinv migrate upgrades {FROM_SPEC}")

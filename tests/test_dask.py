@@ -15,6 +15,7 @@ import zarr
 
 from storage_specs.compute import dask_client
 from storage_specs.export import export_webdataset
+from storage_specs.layout import StoreError
 from storage_specs.validate import validate_store
 from tests.conftest import build_store, cli, make_config
 from tests.s3server import ACCESS_KEY, SECRET_KEY
@@ -136,6 +137,25 @@ def test_export_writes_the_same_samples(store, scheduler, tmp_path):
     assert members == _tar_members(here)
     keys = [name.split(".")[0] for name, _ in members[::3]]
     assert len(keys) == 8 * 2 and keys[:2] == ["animals/chelsea/v0", "animals/chelsea/v1"]
+
+
+def test_an_export_folder_holds_one_export_whole(store, tmp_path):
+    """Tars appear whole under their names; export.json says which tars an export makes and that
+    all are written; a rerun (after a kill) rewrites its own folder, another export is refused."""
+    features, target = ARRAYS[1], ARRAYS[2]
+    out = tmp_path / "out"
+    tars = export_webdataset(store, str(out), features, target, 60_000, False)
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["tars"] == [Path(t).name for t in tars] and manifest["complete"] is True
+    assert sum(manifest["samples"]) == 8 * 2 and manifest["target"] == target
+    (out / "00001.tar.partial").write_bytes(b"a killed writer's")
+    assert export_webdataset(store, str(out), features, target, 60_000, False) == tars
+    assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar",
+                                                     "export.json"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"holds 3 tar\(s\) of another export \(00000.tar, 00001"):
+        export_webdataset(store, str(out), features, None, 60_000, False)
+    with pytest.raises(StoreError, match="has no pixels/pixels "):  # a group, not an array
+        export_webdataset(store, str(tmp_path / "x"), features, "pixels/pixels", 60_000, False)
 
 
 def test_stats_and_validation_of_a_store_on_s3(store, scheduler, s3_bucket, s3):

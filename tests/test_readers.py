@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import build_store, make_config
+from tests.conftest import build_store, cli, make_config
 
 BACKBONES = [
     {"name": "resnet18", "layers": ["layer3", "layer4"], "preprocessing": {"input_size": 64}}
@@ -270,3 +271,15 @@ def test_spec2_store_reads_and_migrates_to_spec3(where, tmp_path, request):
     assert list(resnet["sample"].values) == ["animals/chelsea", "food/coffee", "space/rocket"]
     np.testing.assert_array_equal(resnet["layer3"].values[[2, 0]], before)
     assert zarr.open_group(url, mode="r").metadata.consolidated_metadata is not None
+
+    # A run stopped between the version's flip and the snapshot: the next run writes the snapshot.
+    meta = json.loads(fs.cat_file(f"{url}/zarr.json"))
+    del meta["consolidated_metadata"]
+    fs.pipe(f"{url}/zarr.json", json.dumps(meta).encode())
+    assert cli("migrate", url).returncode == 0
+    assert zarr.open_group(url, mode="r").metadata.consolidated_metadata is not None
+    missing = cli("migrate", str(tmp_path / "nope.zarr"))
+    assert (missing.returncode, missing.stderr) == (
+        2,
+        f"featinv: error: no featinv store at '{tmp_path / 'nope.zarr'}'\n",
+    )
