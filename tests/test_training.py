@@ -246,6 +246,39 @@ def test_killed_and_resumed_equals_uninterrupted(train_store, tmp_path):
         "checkpoint-8", "checkpoint-12"}  # fmt: skip
 
 
+def test_a_checkpoint_resumes_only_what_it_can(train_store, tmp_path):
+    """A resume with another learning rate (the checkpoint's optimizer would bring back its own),
+    on another store, or from a torn checkpoint, and a torn model folder: one line each."""
+    import shutil
+
+    from sampling.reconstruct import Reconstructor
+    from storage_specs.layout import consolidate
+
+    def train(store: str, **changes) -> subprocess.CompletedProcess:
+        settings = {"steps": 2, "checkpoint_every": 2, "ema": {"enabled": True}, **TINY, **changes}
+        path = write(tmp_path / "run.yaml", training_config(store, tmp_path, run="r", **settings))
+        return cli("train", str(path))
+
+    assert train(train_store).returncode == 0
+    checkpoint = tmp_path / "r/checkpoints/checkpoint-2"
+    lr = train(train_store, steps=4, learning_rate=0.05)
+    assert lr.returncode == 2 and "training.learning_rate = None, this run has 0.05" in lr.stderr
+    other = shutil.copytree(train_store, tmp_path / "other.zarr")  # the same data, rebuilt
+    zarr.open_group(other, mode="r+").attrs["store_id"] = "0" * 32
+    consolidate(str(other))
+    moved = train(str(other), steps=4)
+    assert moved.returncode == 2 and "written with a store of store_id '" in moved.stderr
+    (checkpoint / "ema.safetensors").write_bytes(b"torn")
+    torn = train(train_store, steps=4)
+    assert torn.returncode == 2
+    assert torn.stderr.startswith(f"featinv: error: checkpoint {checkpoint} cannot be loaded (")
+    assert torn.stderr.rstrip().endswith("delete it to resume from the one before")
+    weights = tmp_path / "r/diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"model folder '.*/r' cannot be loaded \(OSError"):
+        Reconstructor.load(tmp_path / "r")
+
+
 def test_two_processes_save_one_consistent_checkpoint(train_store, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU (torchrun, gloo): one checkpoint
     with both ranks' RNG states, equal to the saved model."""

@@ -87,21 +87,29 @@ class Checkpoints:
         if not found:
             return 0, Position()
         path = found[-1]
-        state = json.loads((path / STATE).read_text())
-        _check_settings(path, state["settings"], settings)
-        self.accelerator.load_state(str(path))
-        if ema is not None:
-            weights = load_file(path / EMA)
-            for i, param in enumerate(ema.shadow_params):
-                param.data.copy_(weights[str(i)].to(param.device))
-            ema.optimization_step = state["settings"]["ema_optimization_step"]
+        try:
+            state = json.loads((path / STATE).read_text())
+            _check_settings(path, state["settings"], settings)
+            self.accelerator.load_state(str(path))
+            if ema is not None:
+                weights = load_file(path / EMA)
+                for i, param in enumerate(ema.shadow_params):
+                    param.data.copy_(weights[str(i)].to(param.device))
+                ema.optimization_step = state["settings"]["ema_optimization_step"]
+        except ResumeError:
+            raise
+        except Exception as exc:  # a file lost or torn after the checkpoint was made whole
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            raise ResumeError(f"checkpoint {path} cannot be loaded ({message}): delete it to "
+                              "resume from the one before") from exc  # fmt: skip
         return state["step"], Position(**state["position"])
 
 
 def _check_settings(path: Path, saved: dict, now: dict) -> None:
     for key, value in now.items():
         if key in saved and saved[key] != json.loads(json.dumps(value)):
+            what = "a store of store_id" if key == "store_id" else f"training.{key} ="
             raise ResumeError(
-                f"{path} was written with training.{key} = {saved[key]!r}, this run has "
+                f"{path} was written with {what} {saved[key]!r}, this run has "
                 f"{value!r}: use another training.run, or delete {path.parent}"
             )

@@ -98,6 +98,7 @@ def open_training_data(url: str, spec: dict) -> TrainingData:
     kind = target.path.split("/")[0]
     record = {
         "url": redact_url(url),
+        "store_id": store.root.attrs.get("store_id"),  # the same store wherever it is moved
         "spec": store.root.attrs["featinv_spec"],
         "n_samples": store.n_samples,
         "features": {"path": features.path, **_attrs(features, FEATURE_ATTRS)},

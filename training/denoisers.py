@@ -172,8 +172,18 @@ def check_featinv_target(unet: UNet2DConditionModel, data: TrainingData) -> None
 
 
 def load_trained(folder: str | Path) -> tuple[Trainee, dict]:
-    """A trained model folder as a Trainee (eval mode), and its training record."""
-    folder = Path(folder)
+    """A trained model folder as a Trainee (eval mode), and its training record; a folder whose
+    files cannot be loaded (lost, torn) is a one-line ModelLoadError."""
+    try:
+        return _load_trained(Path(folder))
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError) as exc:
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+        raise ModelLoadError(f"model folder '{folder}' cannot be loaded ({message})") from exc
+
+
+def _load_trained(folder: Path) -> tuple[Trainee, dict]:
     record = json.loads((folder / RECORD).read_text())
     if record["mode"] == "updecoder":
         model = UpConvDecoder.from_pretrained(folder).eval()

@@ -42,7 +42,9 @@ from training.preview import Preview
 # Settings a resumed run must share with its checkpoints (the rest may change between runs).
 RESUME_SETTINGS = ("mode", "features", "target", "views", "heldout", "compact", "featinv",
                    "updecoder", "prediction_type", "noise_schedule", "condition_dropout", "seed",
-                   "batch_size", "gradient_accumulation_steps")  # fmt: skip
+                   "batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+                   "lr_warmup_steps")  # fmt: skip
+# (the optimizer and its schedule come back with a checkpoint: a new rate would be recorded only)
 DEFAULT_LR = {"compact": 2e-4, "featinv": 1e-5, "updecoder": 1e-4}  # updecoder: Dosovitskiy & Brox
 
 
@@ -210,7 +212,7 @@ def train(config: dict, progress: bool = True) -> Path:
     unwrapped = accelerator.unwrap_model(model)
     ema = EMAModel(unwrapped.parameters(), decay=spec["ema"]["decay"]) if (
         spec["ema"]["enabled"]) else None  # fmt: skip
-    settings = resume_settings(spec)
+    settings = {**resume_settings(spec), "store_id": data.record["store_id"]}  # not another store
     checkpoints = Checkpoints(out / "checkpoints", spec["checkpoints_total_limit"], accelerator)
     step, start = checkpoints.resume(ema, settings)
 
