@@ -70,6 +70,10 @@ def original_inputs(backbone, store: FeatureStore, rows, views) -> tuple[torch.T
             image = decode_image(data, limits)
         except SkipSample as exc:
             return None, f"source image '{uris[pos]}' no longer decodes ({exc})"
+        stored = (int(samples["height"][row]), int(samples["width"][row]))
+        if (image.height, image.width) != stored:
+            now = f"{image.height}x{image.width}, stored {stored[0]}x{stored[1]}"
+            return None, f"source image '{uris[pos]}' changed since extraction ({now})"
         box = np.concatenate([samples["view_box"][row, view], [samples["view_hflip"][row, view]]])
         inputs.append(backbone.prepare(image, box[None].astype(np.float32)))
     return torch.cat(inputs), ""

@@ -181,3 +181,31 @@ def test_sampling_and_evaluating_from_s3_equal_disk(demo_run, train_store, tmp_p
     assert results["s3"][1] == results["disk"][1]
     assert SamplesStore(str(tmp_path / "s3" / demo_run[0].name / "samples.zarr")).attrs[
         "source"]["url"] == url  # fmt: skip
+
+
+def test_a_source_image_changed_since_extraction_is_said(train_store, tmp_path):
+    """The evaluation renders the original views again from the source images: one replaced by
+    another of another size is named, not a bare "box can't exceed original image size"."""
+    import shutil
+
+    from PIL import Image
+
+    from sampling.evaluate import original_inputs
+    from sampling.reextract import recorded_backbone
+    from storage_specs.reader import FeatureStore
+
+    url = str(shutil.copytree(train_store, tmp_path / "store.zarr"))
+    root = zarr.open_group(url, mode="r+")
+    row = int(np.flatnonzero(root["samples/valid"][:])[0])
+    other = tmp_path / "other.png"
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(other)
+    sources = root["samples/source"][:]
+    sources[row] = other.as_uri()
+    root["samples/source"][:] = sources
+    store = FeatureStore(url)
+    features = store.require("features/efficientnet_lite0/blocks.5")
+    backbone = recorded_backbone(dict(features.attrs), "cpu")
+    height, width = root["samples/height"][row], root["samples/width"][row]
+    assert original_inputs(backbone, store, [row], [0]) == (None, (
+        f"source image '{other.as_uri()}' changed since extraction (40x50, stored "
+        f"{height}x{width})"))  # fmt: skip
