@@ -178,7 +178,8 @@ def _neighbours(data: TrainingData, source: PairDataset, progress: bool):
                           for s in range(0, len(source), 256)])  # fmt: skip
     train = {"rows": data.train_rows, "views": data.views}
     pool = PairDataset(data.url, {"features": data.arrays["features"]}, **train)
-    found = nearest_items(features, pool, data.channel_stats, progress=progress)
+    found = nearest_items(features, pool, data.channel_stats, progress=progress,
+                          query_rows=[row for row, _ in queries])  # fmt: skip
     nearest = dict(zip(queries, found, strict=True))
     targets = PairDataset(data.url, {k: v for k, v in data.arrays.items() if k != "features"},
                           **train)  # fmt: skip

@@ -209,3 +209,20 @@ def test_a_source_image_changed_since_extraction_is_said(train_store, tmp_path):
     assert original_inputs(backbone, store, [row], [0]) == (None, (
         f"source image '{other.as_uri()}' changed since extraction (40x50, stored "
         f"{height}x{width})"))  # fmt: skip
+
+
+def test_the_nearest_training_pair_is_never_the_query_itself(train_store):
+    """With `split: train` or `all` the queried image is in the pool: the baseline would be the
+    image itself (PSNR at its cap), so no view of the query's own sample counts."""
+    from sampling.baselines import nearest_items
+    from storage_specs.datasets import PairDataset
+    from storage_specs.reader import FeatureStore
+
+    path = "features/efficientnet_lite0/blocks.5"
+    pool = PairDataset(train_store, {"features": path})
+    queries = pool.read_batch(range(4))["features"]
+    stats = FeatureStore(train_store).require(path).attrs["channel_stats"]
+    assert nearest_items(queries, pool, stats) == [0, 1, 2, 3]
+    rows = [pool.item(i)[0] for i in range(4)]
+    found = nearest_items(queries, pool, stats, query_rows=rows)
+    assert all(pool.item(j)[0] != row for j, row in zip(found, rows, strict=True))
