@@ -247,8 +247,9 @@ def test_killed_and_resumed_equals_uninterrupted(train_store, tmp_path):
 
 
 def test_a_checkpoint_resumes_only_what_it_can(train_store, tmp_path):
-    """A resume with another learning rate (the checkpoint's optimizer would bring back its own),
-    on another store, or from a torn checkpoint, and a torn model folder: one line each."""
+    """A finished run is left as it is; a resume with another learning rate (the checkpoint's
+    optimizer would bring back its own), on another store, or from a torn checkpoint, and a torn
+    model folder: one line each."""
     import shutil
 
     from sampling.reconstruct import Reconstructor
@@ -260,6 +261,10 @@ def test_a_checkpoint_resumes_only_what_it_can(train_store, tmp_path):
         return cli("train", str(path))
 
     assert train(train_store).returncode == 0
+    record = (tmp_path / "r/featinv_training.json").read_bytes()
+    assert json.loads(record)["final_loss"] is not None
+    assert train(train_store).returncode == 0  # finished: nothing to train, nothing rewritten
+    assert (tmp_path / "r/featinv_training.json").read_bytes() == record
     checkpoint = tmp_path / "r/checkpoints/checkpoint-2"
     lr = train(train_store, steps=4, learning_rate=0.05)
     assert lr.returncode == 2 and "training.learning_rate = None, this run has 0.05" in lr.stderr

@@ -215,6 +215,9 @@ def train(config: dict, progress: bool = True) -> Path:
     settings = {**resume_settings(spec), "store_id": data.record["store_id"]}  # not another store
     checkpoints = Checkpoints(out / "checkpoints", spec["checkpoints_total_limit"], accelerator)
     step, start = checkpoints.resume(ema, settings)
+    if step >= spec["steps"] and (out / RECORD).exists():  # finished: its record stays as it is
+        accelerator.end_training()
+        return out
 
     accum = spec["gradient_accumulation_steps"]
     dataset = data.dataset()
@@ -276,6 +279,7 @@ def _save_final(accelerator, model, ema, trainee: Trainee, data: TrainingData, s
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
+    (out / RECORD).unlink(missing_ok=True)  # a continued run: the folder is not whole until the end
     with ema_weights(ema, model):
         model.save_pretrained(out, safe_serialization=True)
     if trainee.noise_scheduler is not None:
