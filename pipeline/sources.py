@@ -113,7 +113,7 @@ def read_items(
         pos = end
 
 
-def too_large(size: int, max_bytes: int) -> SkipSample:
+def _too_large(size: int, max_bytes: int) -> SkipSample:
     return SkipSample(f"file too large: {size} bytes > limit {max_bytes}")
 
 
@@ -351,7 +351,7 @@ def _read_file(uri: str, max_bytes: int | None = None) -> bytes | Exception:
         with fs.open(path, "rb") as fh:
             data = fh.read() if max_bytes is None else fh.read(max_bytes + 1)
         if max_bytes is not None and len(data) > max_bytes:
-            return too_large(fs.size(path), max_bytes)
+            return _too_large(fs.size(path), max_bytes)
     except _INPUT_ERRORS as exc:
         return exc
     return data
@@ -403,6 +403,6 @@ def _stream_tar(
                 continue
             todo.discard(member.name)
             too_big = max_bytes is not None and member.size > max_bytes
-            yield member.name, too_large(member.size, max_bytes) if too_big else handle.read()
+            yield member.name, _too_large(member.size, max_bytes) if too_big else handle.read()
             if not todo:
                 return
