@@ -8,6 +8,10 @@ its layers, as each rerun, ``--unlock`` and dry run did before. Both are whole `
 processes, started alternately (subject, baseline, baseline, subject, ...) so that drifting load
 hits both. Prints each side's median seconds and the ratio baseline / subject.
 
+Then, in this process, the part of that start which checks the markers against the store: the
+read of the root's zarr.json (`stale_reason`, all it did before) against that plus one listing of
+`commits/<group>/` per group (`ahead_of_store`, since 2026-11-30), alternated, medians.
+
 Usage: ``.venv/bin/python benchmarks/snakemake_start.py [--pairs 4] [--json PATH]``
 """
 
@@ -26,6 +30,7 @@ import yaml
 from record import write_result
 
 from pipeline.demo import build_demo_images
+from pipeline.markers import ahead_of_store, stale_reason
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo config's three backbones at their layers, on two photos: a quick first run.
@@ -55,6 +60,23 @@ def finished_store(folder: Path) -> None:
     snakemake(folder, "--cores", "2")
 
 
+def markers_check(folder: Path, rounds: int = 50) -> dict[str, list[float]]:
+    """Seconds of the markers check: the root alone, and the root with the commit listings."""
+    (work,) = (folder / "work").glob("store.zarr-*")
+    url = str(folder / "store.zarr")
+    checks = {
+        "root": lambda: stale_reason(work, url),
+        "root+commits": lambda: (stale_reason(work, url), ahead_of_store(work, url)),
+    }
+    seconds: dict[str, list[float]] = {side: [] for side in checks}
+    for _ in range(rounds):
+        for side, check in checks.items():
+            start = time.perf_counter()
+            check()
+            seconds[side].append(time.perf_counter() - start)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=4)
@@ -69,12 +91,20 @@ def main() -> None:
                 if side == "rechecked":
                     shutil.rmtree(folder / "work/checked-backbones")
                 seconds[side].append(snakemake(folder, "--cores", "1"))
+        checks = markers_check(folder)
     medians = {side: statistics.median(times) for side, times in seconds.items()}
     for side, times in seconds.items():
         print(f"{side:9s} median {medians[side]:.2f} s  ({', '.join(f'{t:.2f}' for t in times)})")
     ratio = medians["rechecked"] / medians["kept"]
     print(f"rerun of a finished store: {ratio:.2f}x faster with the verdict kept")
-    write_result(args.json, "snakemake_start", {"seconds": seconds, "ratio": ratio})
+    check_ms = {side: 1000 * statistics.median(times) for side, times in checks.items()}
+    print(
+        f"markers check: root {check_ms['root']:.2f} ms, root and commit listings "
+        f"{check_ms['root+commits']:.2f} ms ({check_ms['root+commits'] / check_ms['root']:.2f}x;"
+        f" {medians['kept'] / (check_ms['root+commits'] / 1000):.0f}x less than the whole rerun)"
+    )
+    write_result(args.json, "snakemake_start", {"seconds": seconds, "ratio": ratio,
+                                                "markers_check_ms": check_ms})  # fmt: skip
 
 
 if __name__ == "__main__":
