@@ -10,7 +10,8 @@ hits both. Prints each side's median seconds and the ratio baseline / subject.
 
 Then, in this process, the part of that start which checks the markers against the store: the
 read of the root's zarr.json (`stale_reason`, all it did before) against that plus one listing of
-`commits/<group>/` per group (`ahead_of_store`, since 2026-11-30), alternated, medians.
+`commits/<group>/` per group (`check_markers` as Snakemake calls it, since 2026-11-30),
+alternated, medians.
 
 Usage: ``.venv/bin/python benchmarks/snakemake_start.py [--pairs 4] [--json PATH]``
 """
@@ -30,7 +31,7 @@ import yaml
 from record import write_result
 
 from pipeline.demo import build_demo_images
-from pipeline.markers import ahead_of_store, stale_reason
+from pipeline.markers import check_markers, stale_reason
 
 REPO = Path(__file__).resolve().parents[1]
 # The demo config's three backbones at their layers, on two photos: a quick first run.
@@ -66,7 +67,7 @@ def markers_check(folder: Path, rounds: int = 50) -> dict[str, list[float]]:
     url = str(folder / "store.zarr")
     checks = {
         "root": lambda: stale_reason(work, url),
-        "root+commits": lambda: (stale_reason(work, url), ahead_of_store(work, url)),
+        "root+commits": lambda: check_markers(work, url),
     }
     seconds: dict[str, list[float]] = {side: [] for side in checks}
     for _ in range(rounds):

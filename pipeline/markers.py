@@ -44,13 +44,15 @@ def _one_line(url: str, exc: Exception) -> Exception:
 def stale_reason(work: Path, url: str) -> str | None:
     """Why the markers under `work` no longer describe the store at `url`; None when they do, or
     when there are none."""
-    plan = work / "plan.json"
-    if not plan.exists():
+    if not (work / "plan.json").exists():
         return None
-    attrs = root_attrs(url)
+    return _stale(work, url, root_attrs(url))
+
+
+def _stale(work: Path, url: str, attrs: dict | None) -> str | None:
     if attrs is None:
         return f"store {url} is gone"
-    planned = json.loads(plan.read_text())
+    planned = json.loads((work / "plan.json").read_text())
     recorded = planned.get("store_id")  # None: markers older than store_id
     if recorded is not None and recorded != attrs.get("store_id"):
         return f"store {url} was replaced by another one"
@@ -59,14 +61,15 @@ def stale_reason(work: Path, url: str) -> str | None:
     return None
 
 
-def ahead_of_store(work: Path, url: str) -> tuple[list[Path], str] | None:
-    """The markers of jobs and finishing steps the store at `url` does not have (its commits,
-    its summary), and why; None when the store has them all. Run after `stale_reason`."""
+def ahead_of_store(work: Path, url: str, attrs: dict) -> tuple[list[Path], str] | None:
+    """The markers of jobs and finishing steps the store at `url` (root attributes `attrs`) does
+    not have (its commits, its summary), and why; None when the store has them all. For markers
+    that are not stale (`stale_reason`)."""
     plan = json.loads((work / "plan.json").read_text())
     committed = _committed_shards(url, list(plan["groups"]))
     behind = [marker for marker in sorted(work.glob("shards/*/*.json"))
               if not _shards_of(marker) <= committed.get(marker.parent.name, set())]  # fmt: skip
-    summary = (root_attrs(url) or {}).get("summary")
+    summary = attrs.get("summary")
     redo = {marker.parent.name for marker in behind}
     finalized = [marker for marker in sorted(work.glob("finalized-*.json"))
                  if summary is None or (redo | set(summary["pending_groups"]))
@@ -103,10 +106,14 @@ def remove_markers(work: Path) -> None:
 
 
 def check_markers(work: Path, url: str, dry_run: bool = False) -> None:
-    """Remove stale markers (a dry run only says so), with one line saying why."""
-    reason = stale_reason(work, url)
+    """Remove stale markers, or those ahead of the store (a dry run only says so), with one line
+    saying why."""
+    if not (work / "plan.json").exists():
+        return
+    attrs = root_attrs(url)  # read once for both checks
+    reason = _stale(work, url, attrs)
     if reason is None:
-        _remove_ahead(work, url, dry_run)
+        _remove_ahead(work, url, attrs, dry_run)
         return
     if dry_run:
         print(f"featinv: {reason}; a run (not a dry run) rebuilds it", file=sys.stderr)
@@ -123,10 +130,8 @@ def finalized_markers(work: Path) -> dict[str, int]:
     return {marker.name: marker.stat().st_mtime_ns for marker in work.glob("finalized-*.json")}
 
 
-def _remove_ahead(work: Path, url: str, dry_run: bool) -> None:
-    if not (work / "plan.json").exists():
-        return
-    found = ahead_of_store(work, url)
+def _remove_ahead(work: Path, url: str, attrs: dict, dry_run: bool) -> None:
+    found = ahead_of_store(work, url, attrs)
     if found is None:
         return
     markers, reason = found
