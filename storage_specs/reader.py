@@ -76,8 +76,9 @@ class FeatureStore:
         """All rows of one shard: one object read, the fastest way through a store."""
         start, stop = shard_range(shard, self.shard_size, self.n_samples)
         arr = self.root[path]
-        self._require_shard(arr, shard, start, stop)
-        return arr[start:stop]
+        data = arr[start:stop]
+        self._require_shard(arr, shard, np.arange(start, stop), data)
+        return data
 
     def read_rows(self, path: str, rows: Sequence[int]) -> np.ndarray:
         """Rows in the order given; rows are grouped by shard so each shard is visited once."""
@@ -87,19 +88,24 @@ class FeatureStore:
         for shard in np.unique(rows // self.shard_size):
             where = np.flatnonzero(rows // self.shard_size == shard)
             start, stop = shard_range(int(shard), self.shard_size, self.n_samples)
-            self._require_shard(arr, int(shard), start, stop)
             if len(where) * 4 >= stop - start:  # dense: one read of the whole shard
                 out[where] = arr[start:stop][rows[where] - start]
             else:  # sparse: one chunk per row
                 for i in where:
                     out[i] = arr[int(rows[i])]
+            self._require_shard(arr, int(shard), rows[where], out[where])
         return out
 
-    def _require_shard(self, arr: zarr.Array, shard: int, start: int, stop: int) -> None:
-        """A shard with valid rows is there: zarr reads a missing one as fill values (zeros)."""
+    def _require_shard(
+        self, arr: zarr.Array, shard: int, rows: np.ndarray, values: np.ndarray
+    ) -> None:
+        """The shard that `values` of `rows` were read from is there: zarr reads a missing one as
+        fill values (zeros). Asked only when valid rows read as all zeros, so a read of a shard
+        that is there costs no extra request."""
         if self._valid is None:
             self._valid = self.root["samples/valid"][:]
-        if self._valid[start:stop].any() and not shard_exists(arr, shard):
+        valid = self._valid[rows]
+        if valid.any() and not values[valid].any() and not shard_exists(arr, shard):
             repair = f"`featinv validate --repair {self.url}`, then rerun the pipeline"
             raise StoreError(f"{self.url}: {arr.path} shard {shard} is missing; {repair}")
 
