@@ -22,6 +22,7 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 
 from training.data import Position
+from training.denoisers import one_line
 
 STATE = "trainer_state.json"
 EMA = "ema.safetensors"
@@ -99,9 +100,8 @@ class Checkpoints:
         except ResumeError:
             raise
         except Exception as exc:  # a file lost or torn after the checkpoint was made whole
-            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-            raise ResumeError(f"checkpoint {path} cannot be loaded ({message}): delete it to "
-                              "resume from the one before") from exc  # fmt: skip
+            raise ResumeError(f"checkpoint {path} cannot be loaded ({one_line(exc)}): delete it "
+                              "to resume from the one before") from exc  # fmt: skip
         return state["step"], Position(**state["position"])
 
 

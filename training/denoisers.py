@@ -32,6 +32,11 @@ class ModelLoadError(ValueError):
     """A base model that cannot be loaded; the message is one line."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as one bounded line, for messages that wrap it."""
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+
+
 @dataclass
 class Trainee:
     mode: str
@@ -179,8 +184,7 @@ def load_trained(folder: str | Path) -> tuple[Trainee, dict]:
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError) as exc:
-        message = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
-        raise ModelLoadError(f"model folder '{folder}' cannot be loaded ({message})") from exc
+        raise ModelLoadError(f"model folder '{folder}' cannot be loaded ({one_line(exc)})") from exc
 
 
 def _load_trained(folder: Path) -> tuple[Trainee, dict]:
