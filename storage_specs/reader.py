@@ -83,6 +83,9 @@ class FeatureStore:
     def read_rows(self, path: str, rows: Sequence[int]) -> np.ndarray:
         """Rows in the order given; rows are grouped by shard so each shard is visited once."""
         rows = np.asarray(rows, dtype=np.int64)
+        outside = rows[(rows < 0) | (rows >= self.n_samples)]
+        if outside.size:  # named here: past the end, numpy would name a position in a shard
+            raise IndexError(f"{self.url}: row {outside[0]} is outside 0..{self.n_samples - 1}")
         arr = self.root[path]
         out = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
         for shard in np.unique(rows // self.shard_size):

@@ -200,6 +200,9 @@ def test_reader_rows_and_shards(small_dir, tmp_path):
     rows = [7, 0, 5, 6, 1]
     assert np.array_equal(store.read_rows(path, rows), everything[rows])
     assert np.array_equal(store.read_shard(path, 1), everything[4:8])
+    for row in (-1, len(everything)):
+        with pytest.raises(IndexError, match=f"row {row} is outside 0..{len(everything) - 1}"):
+            store.read_rows(path, [0, row])
     info = store.describe()
     assert info["n_valid"] == 8 and info["skipped"][0]["key"] == "food/coffee_truncated"
     with pytest.raises(StoreError, match="has no features/resnet18/layer9"):
