@@ -120,7 +120,9 @@ def export_webdataset(
         raise ValueError(f"export folder '{out}' is a file")
     groups = plan_tars(store, paths, max_bytes)
     names = [f"{i:05d}.tar" for i in range(len(groups))]
-    manifest = {"store": redact_url(url), "features": features, "target": target, "tars": names}
+    manifest = {"store": redact_url(url), "features": features, "target": target, "tars": names,
+                # what the values are: a `.npy` holds bf16 values as float32 (numpy has no bf16)
+                "dtypes": {path: store.root[path].attrs["dtype"] for path in paths}}  # fmt: skip
     _claim(fs, root, out, manifest)
     tars = [fs.unstrip_protocol(f"{root}/{name}") for name in names]
     calls = [(url, features, target, shards, tar) for shards, tar in zip(groups, tars, strict=True)]

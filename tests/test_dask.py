@@ -148,6 +148,7 @@ def test_an_export_folder_holds_one_export_whole(store, tmp_path):
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["tars"] == [Path(t).name for t in tars] and manifest["complete"] is True
     assert sum(manifest["samples"]) == 8 * 2 and manifest["target"] == target
+    assert manifest["dtypes"] == {features: "fp16", target: "uint8"}  # as the store records them
     (out / "00001.tar.partial").write_bytes(b"a killed writer's")
     assert export_webdataset(store, str(out), features, target, 60_000, False) == tars
     assert sorted(p.name for p in out.iterdir()) == ["00000.tar", "00001.tar", "00002.tar",
