@@ -367,8 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--metadata-only", action="store_true", help="skip reading every chunk")
     p.add_argument("--repair", action="store_true",
-                   help="withdraw the commits of missing or damaged shards, so that the next run "
-                        "of the pipeline redoes them")  # fmt: skip
+                   help="withdraw the commits of missing or damaged shards (and restore the "
+                        "metadata of deleted arrays), so that the next run of the pipeline "
+                        "redoes them")  # fmt: skip
     dask_help = (
         "read the shards on this dask cluster: tcp://host:port, a scheduler file, or 'local' "
         "(a LocalCluster on this machine)"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, NamedTuple
 
+import fsspec
 import jsonschema
 import numpy as np
 import zarr
@@ -230,17 +231,25 @@ def _lossy_problems(url: str) -> list[str]:
 
 # How shard_problems names a shard: "<array path> shard <n> (samples a-b): ..."
 _SHARD_PROBLEM = re.compile(r"^(\S+) shard (\d+) \(samples ")
+# How _commit_problems names an array whose folder is gone
+_MISSING_ARRAY = re.compile(r"^(\S+): array missing \(committed by group (\S+)\)$")
 
 
 def withdraw_damaged(url: str, problems: list[str]) -> list[str]:
     """Withdraw the commits of the shards that `problems` (`validate_store`'s) find missing,
     unreadable or not finite, and mark the store unfinished, so the next run of the pipeline
-    redoes exactly those shards and the finishing (its markers follow the store). Returns the
-    withdrawn commit records."""
+    redoes exactly those shards and the finishing (its markers follow the store). An array whose
+    folder is gone gets its metadata back from the store's consolidated snapshot, and its group's
+    commits are all withdrawn. Returns the withdrawn commit records."""
     root = open_root(url, mode="r+")
     damaged = {(root[m[1]].attrs["group"], int(m[2]))
                for m in map(_SHARD_PROBLEM.match, problems) if m}  # fmt: skip
+    n = n_shards(root.attrs["n_samples"], root.attrs["shard_size"])
+    for path, group in (m.groups() for m in map(_MISSING_ARRAY.match, problems) if m):
+        restore_metadata(url, path)
+        damaged |= {(group, shard) for shard in range(n)}
     withdrawn = sorted(commit_path(group, shard) for group, shard in damaged)
+    withdrawn = [path for path in withdrawn if path in root]
     for path in withdrawn:
         del root[path]
     if withdrawn:
@@ -249,6 +258,33 @@ def withdraw_damaged(url: str, problems: list[str]) -> list[str]:
             del root.attrs["summary"]
         consolidate(url)  # readers of the snapshot see an unfinished store too
     return withdrawn
+
+
+def restore_metadata(url: str, path: str) -> None:
+    """Write back the zarr.json of `path` and of its missing parent groups, as the store's
+    consolidated snapshot (the root's, or a group's above lossy arrays) recorded them."""
+    fs, root = fsspec.core.url_to_fs(url)
+    root = root.rstrip("/")
+    parts = path.split("/")
+    recorded: dict[str, dict] = {}
+    for depth in range(len(parts)):  # the snapshots of the root and of each group above `path`
+        base = "/".join(parts[:depth])
+        try:
+            group = json.loads(fs.cat_file("/".join(filter(None, [root, base, "zarr.json"]))))
+        except FileNotFoundError:
+            continue
+        snapshot = (group.get("consolidated_metadata") or {}).get("metadata") or {}
+        recorded.update({f"{base}/{key}".lstrip("/"): doc for key, doc in snapshot.items()})
+    if path not in recorded:
+        raise StoreError(f"{url}: {path} is missing and no consolidated metadata of the store "
+                         "records it: it cannot be restored; rebuild the store")  # fmt: skip
+    for depth in range(1, len(parts) + 1):
+        node = "/".join(parts[:depth])
+        if not fs.exists(f"{root}/{node}/zarr.json"):
+            doc = {key: value for key, value in recorded[node].items()
+                   if key != "consolidated_metadata"}  # fmt: skip
+            fs.makedirs(f"{root}/{node}", exist_ok=True)  # local folders; nothing on S3
+            fs.pipe_file(f"{root}/{node}/zarr.json", json.dumps(doc, indent=2).encode())
 
 
 def _shards(root: zarr.Group) -> Iterator[tuple[int, int, int]]:

@@ -105,19 +105,21 @@ def test_markers_of_an_older_featinv_are_stale(small_dir, tmp_path):
 
 
 def _remove(url: str, path: str) -> None:
-    """Remove one object of the store, as a user or a failing disk might."""
+    """Remove one object or folder of the store, as a user or a failing disk might."""
     if not url.startswith("s3://"):
-        (Path(url) / path).unlink()
+        target = Path(url) / path
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
         return
     fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
-    fs.rm(f"{url.removeprefix('s3://')}/{path}")
+    fs.rm(f"{url.removeprefix('s3://')}/{path}", recursive=True)
     s3fs.S3FileSystem.clear_instance_cache()
 
 
 def test_a_damaged_or_rolled_back_store_is_redone(small_dir, tmp_path, store):
     """Markers ahead of their store do not answer "Nothing to be done": a shard file lost, found
     by `featinv validate`, whose `--repair` withdraws its commit (as a store put back from an older
-    copy lacks commits), is redone by the same command, to the same values."""
+    copy lacks commits), is redone by the same command, to the same values; so is a deleted array
+    folder, whose metadata `--repair` restores from the store's consolidated snapshot."""
     config = make_config(tmp_path, small_dir, store=store, **CONFIG)
     write_config(tmp_path, config)
     _run(tmp_path)
@@ -133,5 +135,15 @@ def test_a_damaged_or_rolled_back_store_is_redone(small_dir, tmp_path, store):
     s3fs.S3FileSystem.clear_instance_cache()
     out = _run(tmp_path)
     assert f"featinv: store {store} lacks 1 job(s) of shards its markers in " in out
+    assert _complete(store) == store_id
+    assert (zarr.open_group(store, mode="r")[array][:] == values).all()
+
+    _remove(store, "features/resnet18")  # the array's folder and its backbone's
+    checked = cli("validate", store, "--repair")
+    assert f"INVALID {array}: array missing (committed by group main)" in checked.stderr
+    assert "withdrew 1 commit(s) (commits/main/00000)" in checked.stderr
+    s3fs.S3FileSystem.clear_instance_cache()
+    out = _run(tmp_path)
+    assert "Nothing to be done" not in out
     assert _complete(store) == store_id
     assert (zarr.open_group(store, mode="r")[array][:] == values).all()
