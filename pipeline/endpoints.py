@@ -80,7 +80,7 @@ def unreachable_message(exc: BaseException) -> str | None:
         return (f"object store at {endpoint_of(error)}: no credentials ({name}); set "
                 "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE")  # fmt: skip
     return (
-        f"object store at {endpoint_of(error)} unreachable ({name}); committed shards are kept, "
+        f"object store at {endpoint_of(error)} unreachable ({name}); nothing committed is lost, "
         "rerun the same command once it is back"
     )
 

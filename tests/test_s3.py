@@ -315,7 +315,7 @@ def test_unreachable_store_fails_commands_in_one_line(s3, reference, monkeypatch
         assert result.returncode == 2, result.stderr[-3000:]
         assert result.stderr.splitlines() == [
             f"featinv: error: object store at {s3.endpoint} unreachable (EndpointConnectionError);"
-            " committed shards are kept, rerun the same command once it is back"
+            " nothing committed is lost, rerun the same command once it is back"
         ]
         _no_credentials(args[0], result.stderr.encode())
 
