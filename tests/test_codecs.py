@@ -148,6 +148,21 @@ def test_a_chain_slower_than_the_spec_2_chain_is_passed_over_for_fewer_bytes(fea
     assert choose_lossless(shard) == {"mode": "lossless", "shuffle": "planar", "level": 1}
 
 
+def test_a_dense_map_whose_top_byte_plane_wants_a_slower_zstd_gets_sparse_5(demo_dir):
+    """Random-weight ConvNeXt stages.0: zstd 5 on the top byte plane saves more than planar 3 does
+    (the low plane is noise at any level), and still encodes faster than the spec-2 chain."""
+    maps = demo_feature_maps(str(demo_dir), ("stages.0",), "convnext_tiny", "random", SHARD)
+    shard = maps["stages.0"][:, None].astype(np.float16)
+    sizes = {
+        c: stored_bytes(shard, lossless_compressors(*c)) for c in [("planar", 3), ("sparse", 5)]
+    }
+    assert sizes["sparse", 5] * TOLERANCE < sizes["planar", 3]  # measured 0.994x
+    assert encodes_as_fast(shard, lossless_compressors("sparse", 5))  # measured 1.4x
+    chosen = choose_lossless(shard, reader="featinv-codecs")
+    assert (chosen["shuffle"], chosen["level"]) == ("sparse", 5)
+    assert choose_lossless(shard)["shuffle"] != "sparse"  # readers without featinv-codecs
+
+
 def test_sparse_chain_beats_every_standard_one_on_sparse_maps(features):
     shard = features["bn2"][:SHARD, None].astype(np.float16)  # 91% zeros after the last ReLU6
     standard = [*REFERENCES, *(lossless_compressors(s) for s in ("planar", "none"))]
