@@ -104,6 +104,7 @@ def sample_run(config: dict, device: str | None = None, progress: bool = True) -
         attrs=_attrs(config, model, data),
     )  # fmt: skip
     neighbours = _neighbours(data, source, progress) if "nearest" in methods else None
+    restore_pngs(out / "png", root, source.views, methods)
     todo = np.flatnonzero(~root["done"][:])
     bar = tqdm(total=len(todo), desc=f"sample {out.name}", unit="entry", disable=not progress)
     for start in range(0, len(todo), spec["batch_size"]):
@@ -231,6 +232,19 @@ def write_pngs(folder: Path, key: str, views, original: np.ndarray, images: dict
         for method, data in images.items():
             for s, image in enumerate(data[j]):
                 save_png(where / f"v{view}_{method}_{s}.png", image)
+
+
+def restore_pngs(folder: Path, root, views, methods: dict[str, dict]) -> None:
+    """Rewrite, from the samples store, the PNGs of finished entries that are gone (deleted, a
+    run killed between its PNGs and the store): the store is the record, the PNGs a view of it."""
+    names = [f"v{view}_{kind}.png" for view in views
+             for kind in ["original", *(f"{m}_{s}" for m, spec in methods.items()
+                                        for s in range(spec["samples"]))]]  # fmt: skip
+    for i in np.flatnonzero(root["done"][:]):
+        key = str(root["keys"][int(i)])
+        if not all((folder / key / name).is_file() for name in names):
+            images = {m: root[f"reconstructions/{m}"][int(i)] for m in methods}
+            write_pngs(folder, key, views, root["originals"][int(i)], images)
 
 
 def save_png(path: Path, chw: np.ndarray) -> None:

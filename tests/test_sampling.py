@@ -96,7 +96,11 @@ def test_sample_store_validates_resumes_and_refuses_other_settings(demo_run, tra
         "v0_model_0.png", "v0_model_1.png", "v0_nearest_0.png", "v0_original.png",
         "v0_unconditional_0.png", "v0_unconditional_1.png"]  # fmt: skip
 
-    # An interrupted run (entries 3.. never written) resumes those entries alone, identically.
+    # An interrupted run (entries 3.. never written) resumes those entries alone, identically;
+    # a finished entry's deleted PNGs are written again from the store.
+    png = out / "png" / store.keys[0] / "v0_model_1.png"
+    written = png.read_bytes()
+    png.unlink()
     root = zarr.open_group(url, mode="r+")
     root["done"][3:] = False
     for method in store.methods:
@@ -104,6 +108,7 @@ def test_sample_store_validates_resumes_and_refuses_other_settings(demo_run, tra
     sample_run(config, progress=False)
     for method, before in images.items():
         np.testing.assert_array_equal(SamplesStore(url).images(method), before)
+    assert png.read_bytes() == written
 
     with pytest.raises(StoreError, match="other settings \\(sampling\\)"):
         sample_run(sampling_config(train_store, demo_run[0], tmp_path, steps=9), progress=False)
