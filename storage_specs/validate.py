@@ -7,7 +7,6 @@ a store in one run; each problem names the array and shard it concerns.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from importlib import resources
 from typing import TYPE_CHECKING, NamedTuple
@@ -44,6 +43,22 @@ if TYPE_CHECKING:
 
 def load_schema() -> dict:
     return json.loads((resources.files("storage_specs") / "store.schema.json").read_text())
+
+
+class Problem(str):
+    """One line of `validate_store`'s answer. A damaged shard of an array, or an array whose folder
+    is gone (`shard` None, with the `group` that committed it), also says so in fields:
+    `withdraw_damaged` acts on those, not on the wording."""
+
+    array: str | None = None
+    shard: int | None = None
+    group: str | None = None
+
+    @classmethod
+    def of(cls, text: str, array: str, shard: int | None = None, group: str | None = None):
+        problem = cls(text)
+        problem.array, problem.shard, problem.group = array, shard, group
+        return problem
 
 
 def _schema_problems(attrs: dict, definition: str, where: str) -> list[str]:
@@ -186,7 +201,8 @@ def _commit_problems(root: zarr.Group, arrays: list[str], groups: list[str]) -> 
             gone |= set(committed) - set(expected)
             if sorted(set(committed) & set(expected)) != expected:
                 problems.append(f"{where}: commits {committed}, expected {expected}")
-        problems += [f"{path}: array missing (committed by group {group})" for path in sorted(gone)]
+        problems += [Problem.of(f"{path}: array missing (committed by group {group})", path,
+                                group=group) for path in sorted(gone)]  # fmt: skip
     return problems
 
 
@@ -229,12 +245,6 @@ def _lossy_problems(url: str) -> list[str]:
     ]
 
 
-# How shard_problems names a shard: "<array path> shard <n> (samples a-b): ..."
-_SHARD_PROBLEM = re.compile(r"^(\S+) shard (\d+) \(samples ")
-# How _commit_problems names an array whose folder is gone
-_MISSING_ARRAY = re.compile(r"^(\S+): array missing \(committed by group (\S+)\)$")
-
-
 def withdraw_damaged(url: str, problems: list[str]) -> list[str]:
     """Withdraw the commits of the shards that `problems` (`validate_store`'s) find missing,
     unreadable or not finite, and mark the store unfinished, so the next run of the pipeline
@@ -242,12 +252,16 @@ def withdraw_damaged(url: str, problems: list[str]) -> list[str]:
     folder is gone gets its metadata back from the store's consolidated snapshot, and its group's
     commits are all withdrawn. Returns the withdrawn commit records."""
     root = open_root(url, mode="r+")
-    damaged = {(root[m[1]].attrs["group"], int(m[2]))
-               for m in map(_SHARD_PROBLEM.match, problems) if m}  # fmt: skip
     n = n_shards(root.attrs["n_samples"], root.attrs["shard_size"])
-    for path, group in (m.groups() for m in map(_MISSING_ARRAY.match, problems) if m):
-        restore_metadata(url, path)
-        damaged |= {(group, shard) for shard in range(n)}
+    damaged = set()
+    for problem in problems:
+        if getattr(problem, "array", None) is None:
+            continue
+        if problem.shard is not None:
+            damaged.add((root[problem.array].attrs["group"], problem.shard))
+        else:
+            restore_metadata(url, problem.array)
+            damaged |= {(problem.group, shard) for shard in range(n)}
     withdrawn = sorted(commit_path(group, shard) for group, shard in damaged)
     withdrawn = [path for path in withdrawn if path in root]
     for path in withdrawn:
@@ -301,12 +315,14 @@ def shard_problems(
     arr = open_array(url, path)
     where = f"{path} shard {shard} (samples {start}-{stop - 1})"
     if not shard_exists(arr, shard):
-        return [f"{where}: shard missing"]
+        return [Problem.of(f"{where}: shard missing", path, shard)]
     try:
         data = arr[start:stop]
     except Exception as exc:  # codec errors: crc32c mismatch, blosc failure, bad index
-        return [f"{where}: unreadable ({type(exc).__name__}: {exc})"]
-    return [] if np.isfinite(data[rows]).all() else [f"{where}: NaN or Inf values"]
+        return [Problem.of(f"{where}: unreadable ({type(exc).__name__}: {exc})", path, shard)]
+    if np.isfinite(data[rows]).all():
+        return []
+    return [Problem.of(f"{where}: NaN or Inf values", path, shard)]
 
 
 def _data_problems(
