@@ -87,6 +87,7 @@ class Backbone:
     model: torch.nn.Module
     weights: WeightsInfo
     data_config: dict
+    channels_last: dict[str, bool] = field(default_factory=dict)  # `map_layouts`
 
     @property
     def name(self) -> str:
@@ -108,10 +109,15 @@ class Backbone:
     def prepare(self) -> BackboneInputs:
         return BackboneInputs.of(self.data_config)
 
+    def taps(self, layers: tuple[str, ...] | None = None) -> LayerTaps:
+        """Taps on `layers` (default: the configured ones) that lay out maps as this backbone's
+        layers emit them."""
+        return LayerTaps(self.model, layers or self.spec.layers, self.channels_last)
+
     def encode(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         device = next(self.model.parameters()).device
         outputs = {}
-        for layer, (grid, prefix) in LayerTaps(self.model, self.spec.layers)(x.to(device)).items():
+        for layer, (grid, prefix) in self.taps()(x.to(device)).items():
             outputs[f"features/{self.name}/{layer}"] = grid
             if prefix is not None:
                 outputs[f"prefix_tokens/{self.name}/{layer}"] = prefix
@@ -160,7 +166,8 @@ def _fixed_patch_grid(model: torch.nn.Module, input_hw: tuple[int, int]) -> bool
 
 def load_backbone(spec: BackboneSpec, seed: int = 0, device: str = "cpu") -> Backbone:
     model, weights, data_config = _built(spec, spec.weights, seed)
-    return Backbone(spec, model.to(device).eval(), weights, data_config)
+    layouts = map_layouts(spec, tuple(data_config["input_size"][1:]))
+    return Backbone(spec, model.to(device).eval(), weights, data_config, layouts)
 
 
 def check_layouts(spec: BackboneSpec) -> None:
@@ -170,13 +177,48 @@ def check_layouts(spec: BackboneSpec) -> None:
     with torch.device("meta"):
         model, _, data_config = _built(spec, "random", 0)
         x = torch.zeros(1, *data_config["input_size"])
+        layouts = map_layouts(spec, tuple(x.shape[-2:]))
         try:
-            LayerTaps(model.eval(), spec.layers)(x)
+            LayerTaps(model.eval(), spec.layers, layouts)(x)
             check_called_once(model, spec.layers, x)
         except ValueError:
             raise
         except Exception:  # an op meta tensors cannot run (data-dependent): the plan's real
             return  # forward on a blank image checks these layers, with the same errors
+
+
+def map_layouts(spec: BackboneSpec, input_hw: tuple[int, int]) -> dict[str, bool]:
+    """Whether each layer's 4-D output is channels-last (`[y, x, C]`), from which of its axes grow
+    with the input: shapes on the meta device at `input_hw` and at twice it.  The shape alone
+    cannot tell `[64, 56, 56]` from `[56, 56, 64]` (a channel count near the map's size), and a
+    model's `output_fmt` is not every module's.  ValueError for an output whose growing axes are
+    not two of them (heads x tokens x dims, unfolded patches).  Layers this cannot place (a model
+    that rejects the larger input, an op the meta device cannot run) are left out: `to_grid`
+    tells those by their shape."""
+    shapes = []
+    try:
+        with torch.device("meta"):
+            model, _ = create_backbone(spec.name, "random")
+            for hw in (input_hw, (2 * input_hw[0], 2 * input_hw[1])):
+                if _fixed_patch_grid(model, hw):  # ViT-style: built for each size
+                    model, _ = create_backbone(spec.name, "random", img_size=hw)
+                outputs = LayerTaps(model.eval(), spec.layers).raw(torch.zeros(1, 3, *hw))
+                shapes.append({layer: tuple(out.shape) for layer, out in outputs.items()})
+    except Exception:  # refusals come from the real forward, with their own messages
+        return {}
+    layouts = {}
+    for layer, small in shapes[0].items():
+        if len(small) != 4 or len(shapes[1][layer]) != 4:
+            continue
+        grown = tuple(axis for axis in (1, 2, 3) if small[axis] != shapes[1][layer][axis])
+        if grown not in ((), (1, 2), (2, 3)):
+            raise ValueError(
+                f"layer '{layer}' emits {small[1:]} per image, where axes "
+                f"{tuple(axis - 1 for axis in grown)} follow the image size: not a [C, y, x] or "
+                "[y, x, C] map; name a module that emits one"
+            )
+        layouts[layer] = grown == (1, 2)  # () : a pooled map, the size of no input
+    return layouts
 
 
 def _built(
@@ -246,12 +288,21 @@ class _StopForward(Exception):
 
 
 class LayerTaps:
-    """Capture the outputs of named modules in one forward pass."""
+    """Capture the outputs of named modules in one forward pass; `channels_last` says, per layer,
+    how a 4-D output is laid out (`map_layouts`; a layer it does not name is told by its shape)."""
 
-    def __init__(self, model: torch.nn.Module, layers: tuple[str, ...]):
-        self.model, self.layers = model, layers
+    def __init__(
+        self, model: torch.nn.Module, layers: tuple[str, ...],
+        channels_last: dict[str, bool] | None = None,
+    ):  # fmt: skip
+        self.model, self.layers, self.channels_last = model, layers, channels_last or {}
 
     def __call__(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        hw = tuple(x.shape[-2:])
+        return {layer: self._grid(layer, out, hw) for layer, out in self.raw(x).items()}
+
+    def raw(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The layers' outputs as the modules emit them, one item per image of `x`."""
         captured: dict[str, Any] = {}
 
         def hook(name: str):
@@ -283,12 +334,17 @@ class LayerTaps:
         missing = [layer for layer in self.layers if layer not in captured]
         if missing:
             raise ValueError(f"layers {missing} did not run in the forward pass")
-        return {layer: self._grid(layer, captured[layer], tuple(x.shape[-2:]))
-                for layer in self.layers}  # fmt: skip
+        for layer, out in captured.items():
+            if out.ndim == 0 or out.shape[0] != x.shape[0]:  # windows or heads in the batch axis
+                raise ValueError(
+                    f"layer '{layer}' emits {tuple(out.shape)} for {x.shape[0]} image(s), not "
+                    "one map per image: name a module that emits one"
+                )
+        return {layer: captured[layer] for layer in self.layers}
 
     def _grid(self, layer: str, out: torch.Tensor, input_hw: tuple[int, int]) -> tuple:
         try:
-            return to_grid(self.model, out, input_hw)
+            return to_grid(self.model, out, input_hw, self.channels_last.get(layer))
         except ValueError as exc:
             raise ValueError(f"layer '{layer}': {exc}") from None
 
@@ -308,11 +364,15 @@ def _one_tensor(layer: str, output: Any) -> torch.Tensor:
 
 
 def to_grid(
-    model: torch.nn.Module, out: torch.Tensor, input_hw: tuple[int, int]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A layer output as `[N, C, y, x]`, plus `[N, prefix, C]` prefix tokens for token outputs."""
+    model: torch.nn.Module, out: torch.Tensor, input_hw: tuple[int, int],
+    channels_last: bool | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """A layer output as `[N, C, y, x]`, plus `[N, prefix, C]` prefix tokens for token outputs;
+    a 4-D output is `[N, y, x, C]` when `channels_last` (None: told by its shape)."""
     if out.ndim == 4:
-        return (out.permute(0, 3, 1, 2) if _channels_last(model, out, input_hw) else out), None
+        if channels_last is None:
+            channels_last = _channels_last(model, out, input_hw)
+        return (out.permute(0, 3, 1, 2) if channels_last else out), None
     if out.ndim == 3:
         return _tokens_to_grid(model, out, input_hw)
     raise ValueError(f"cannot store a layer output of shape {tuple(out.shape)} as a spatial map")
@@ -323,9 +383,15 @@ def _aspect_matches(h: int, w: int, input_hw: tuple[int, int]) -> bool:
 
 
 def _channels_last(model: torch.nn.Module, out: torch.Tensor, input_hw: tuple[int, int]) -> bool:
-    """NHWC (Swin, ConvNeXt block internals) or NCHW: from the shape, else the model's format."""
+    """NHWC (Swin, ConvNeXt block internals) or NCHW, where `map_layouts` could not tell: from
+    the shape, else (both fit the input's aspect) the model's format."""
     _, a, b, c = out.shape
     nchw, nhwc = _aspect_matches(b, c, input_hw), _aspect_matches(a, b, input_hw)
+    if not nchw and not nhwc:
+        raise ValueError(
+            f"its output {tuple(out.shape[1:])} per image has no two axes in the input's aspect: "
+            "not a [C, y, x] or [y, x, C] map"
+        )
     if nchw == nhwc:
         return getattr(model, "output_fmt", "NCHW") == "NHWC"
     return nhwc
@@ -369,7 +435,7 @@ def probe_shapes(backbone: Backbone) -> dict[str, dict]:
     device = next(backbone.model.parameters()).device
     x = torch.zeros(1, *backbone.data_config["input_size"], device=device)
     with torch.inference_mode():
-        outputs = LayerTaps(backbone.model, backbone.spec.layers)(x)
+        outputs = backbone.taps()(x)
         check_called_once(backbone.model, backbone.spec.layers, x)
     shapes = {}
     for layer, (grid, prefix) in outputs.items():

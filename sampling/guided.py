@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pipeline.backbones import Backbone, LayerTaps
+from pipeline.backbones import Backbone
 from sampling.priors import Prior
 
 
@@ -68,7 +68,7 @@ class FeatureDistance:
             x = straight_through_8bit(x.clamp(0, 1))
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         layer = self.backbone.spec.layers[0]
-        grid = LayerTaps(self.backbone.model, (layer,))(x)[layer][0]
+        grid = self.backbone.taps((layer,))(x)[layer][0]
         return grid.mean(dim=(2, 3)) if pooled else grid
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor):

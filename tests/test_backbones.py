@@ -95,6 +95,19 @@ def test_a_container_with_a_forward_of_its_own_is_a_layer():
         # run after bn1, after bn2 and after the sum: the taps stopping there would keep the first
         ("legacy_seresnet18", "layer1.0.relu", "'layer1.0.relu' runs 3 times in one forward pass"),
         ("vit_tiny_patch16_224", "head", "layer 'head': cannot store a layer output of shape"),
+        # 4-D but no image map: heads x tokens x head size; MobileViT's unfolded patches
+        (
+            "vit_tiny_patch16_224",
+            "blocks.0.attn.q_norm",
+            "emits (3, 197, 64) per image, where axes (1,) follow the image size",
+        ),
+        ("mobilevitv2_050", "stages.2.1.transformer", "emits (64, 4, 256) per image, where axes"),
+        # MaxViT's window attention: the windows of an image in the batch axis
+        (
+            "maxvit_pico_rw_256",
+            "stages.0.blocks.0.attn_block.attn",
+            "emits (64, 8, 8, 32) for 1 image(s), not one map per image",
+        ),
     ],
 )
 def test_layers_the_store_cannot_hold_are_refused_without_weights(name, layer, message):
@@ -113,6 +126,31 @@ def test_swin_channels_last_is_stored_channels_first():
         (ref,) = model.forward_intermediates(X, indices=[1], intermediates_only=True)
     assert prefix is None and grid.shape == (2, 192, 28, 28)
     torch.testing.assert_close(grid, ref)
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "size", "channels_last"),
+    [
+        ("mambaout_femto", "stem.conv2", 224, False),  # [48, 56, 56] in a model that says NHWC
+        ("convnext_tiny", "stages.0.blocks.0.norm", 384, True),  # [96, 96, 96]: norm before fc1
+        ("swin_tiny_patch4_window7_224", "patch_embed.proj", 320, False),  # [96, 80, 80]
+    ],
+)
+def test_a_map_whose_shape_fits_both_layouts_is_stored_as_emitted(name, layer, size, channels_last):
+    """A channel count near the map's size leaves the shape ambiguous, and a model's `output_fmt`
+    is not every module's: the axes that grow with the input are the map's."""
+    backbone = load_backbone(BackboneSpec(name, "random", (layer,), preprocessing={
+        "input_size": size}))  # fmt: skip
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    emitted = {}
+    hook = backbone.model.get_submodule(layer).register_forward_hook(
+        lambda _m, _i, out: emitted.setdefault("out", out.clone()))  # fmt: skip
+    with torch.inference_mode():
+        grid, _ = backbone.taps()(x)[layer]
+    hook.remove()
+    expected = emitted["out"].permute(0, 3, 1, 2) if channels_last else emitted["out"]
+    torch.testing.assert_close(grid, expected)
+    assert grid.shape[-2:] == (size // 4, size // 4)  # stride 4
 
 
 def test_convnext_block_internals_nhwc():
