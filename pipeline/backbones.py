@@ -435,7 +435,13 @@ def probe_shapes(backbone: Backbone) -> dict[str, dict]:
     device = next(backbone.model.parameters()).device
     x = torch.zeros(1, *backbone.data_config["input_size"], device=device)
     with torch.inference_mode():
-        outputs = backbone.taps()(x)
+        try:
+            outputs = backbone.taps()(x)
+        except RuntimeError as exc:  # a reshape that does not fit this input size, say
+            hw = "x".join(map(str, x.shape[-2:]))
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"backbone {backbone.name}: the forward pass fails on {hw} inputs: "
+                             f"{reason}") from None  # fmt: skip
         check_called_once(backbone.model, backbone.spec.layers, x)
     shapes = {}
     for layer, (grid, prefix) in outputs.items():

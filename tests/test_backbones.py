@@ -128,6 +128,16 @@ def test_swin_channels_last_is_stored_channels_first():
     torch.testing.assert_close(grid, ref)
 
 
+def test_an_input_size_the_model_rejects_with_a_runtime_error_is_one_line():
+    """The meta device lets it pass (ops it cannot run look the same); the plan's real forward
+    says it in one line, not a traceback."""
+    spec = BackboneSpec("convnext_tiny", "random", ("stages.3",), preprocessing={"input_size": 20})
+    check_layouts(spec)
+    message = r"^backbone convnext_tiny: the forward pass fails on 20x20 inputs: Calculated pad"
+    with pytest.raises(ValueError, match=message):
+        probe_shapes(load_backbone(spec))
+
+
 @pytest.mark.parametrize(
     ("name", "layer", "size", "channels_last"),
     [
