@@ -54,8 +54,11 @@ def eval_box(height: int, width: int, size: tuple[int, int], crop_pct: float, cr
     box to `size` in one step gives timm's eval input (same sample positions, same filter).
     """
     scaled = [math.floor(s / crop_pct) for s in size]
-    if crop_mode == "squash" or scaled[0] != scaled[1]:
+    if crop_mode == "squash":
         resized_h, resized_w = scaled
+    elif scaled[0] != scaled[1]:  # timm's ResizeKeepRatio: the image covers `scaled`, aspect kept
+        ratio = min(height / scaled[0], width / scaled[1])
+        resized_h, resized_w = round(height / ratio), round(width / ratio)
     elif height <= width:
         resized_h, resized_w = scaled[0], int(scaled[0] * width / height)
     else:
