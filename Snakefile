@@ -58,7 +58,9 @@ def _write_effective_config() -> None:
     path = Path(CONFIG_JSON)
     if not path.exists() or path.read_text() != text:
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
         path.write_text(text)
+    path.chmod(0o600)  # it may hold a source URL's password: its owner's only
 
 
 _write_effective_config()

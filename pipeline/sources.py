@@ -25,6 +25,7 @@ from fsspec.core import split_protocol, url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.decode import ImageLimits, SkipSample
+from storage_specs.provenance import redact_uri
 
 IMAGE_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "pbm", "jfif"}
@@ -160,7 +161,7 @@ def _resolve(url: str) -> tuple[AbstractFileSystem, str]:
     fs, path = url_to_fs(url)
     path = path.rstrip("/") or path
     if not fs.exists(path):
-        raise ValueError(f"source {url!r} does not exist")
+        raise ValueError(f"source {redact_uri(url)!r} does not exist")
     return fs, path
 
 

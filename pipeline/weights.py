@@ -35,6 +35,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from pipeline.config import SAFETENSORS_SUFFIXES, weights_kind
+from storage_specs.provenance import redact_uri
 
 StateDict = dict[str, torch.Tensor]
 
@@ -52,8 +53,8 @@ class WeightsInfo:
     seed: int | None  # the torch seed used for random init; None otherwise
 
     def to_attrs(self) -> dict:
-        """JSON-able dict for zarr attributes."""
-        return asdict(self)
+        """JSON-able dict for zarr attributes (a URL's user:password@ left out)."""
+        return {**asdict(self), "source": redact_uri(self.source)}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import zarr
 from zarr.core.sync import sync
 
 from storage_specs.codecs import compression_codecs, plugin_codecs
+from storage_specs.provenance import redact_url
 
 SPEC_VERSION = "featinv-store/3"
 # Stores readers still accept: spec 2 differs only in metadata (`featinv migrate` upgrades it).
@@ -97,7 +98,7 @@ def open_root(url: str, mode: str = "r", consolidated: bool | None = None) -> za
     try:
         return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=consolidated)
     except FileNotFoundError as exc:
-        raise StoreError(f"no featinv store at '{url}'") from exc
+        raise StoreError(f"no featinv store at '{redact_url(url)}'") from exc
 
 
 def commit_path(group: str, shard: int) -> str:

@@ -19,6 +19,9 @@ from pipeline.config import (
     validate_config,
     with_credentials,
 )
+from pipeline.sources import list_source
+from pipeline.weights import WeightsInfo
+from storage_specs.layout import StoreError, open_root
 from storage_specs.provenance import redact_uri, redact_url
 from tests.conftest import featinv, snakemake
 
@@ -182,10 +185,18 @@ def test_source_uris_are_stored_without_credentials():
     assert with_credentials("file:///x/a.jpg", "/x") == "file:///x/a.jpg"
 
 
-def test_credentials_never_recorded():
+def test_credentials_never_recorded(tmp_path):
     assert redact_url("s3://key:secret@bucket/x.zarr") == "s3://bucket/x.zarr"
     assert redact_url("https://u:p@host:9000/a") == "https://host:9000/a"
     assert redact_url("/local/path") == "/local/path"
+    # a weights URL as arrays record it, and the messages that name a source or a store
+    weights = WeightsInfo("https://u:s3cret@host/w.safetensors", True, "0" * 64, None)
+    assert weights.to_attrs()["source"] == "https://host/w.safetensors"
+    with pytest.raises(ValueError) as source:
+        list_source(f"file://u:s3cret@{tmp_path}/none")
+    with pytest.raises(StoreError) as store:
+        open_root(f"file://u:s3cret@{tmp_path}/none.zarr")
+    assert "s3cret" not in str(source.value) + str(store.value)
 
 
 def test_snakemake_keeps_the_verdict_on_the_same_backbones(tmp_path):

@@ -74,6 +74,8 @@ def test_gone_or_replaced_store_is_rebuilt(small_dir, tmp_path, store):
     out = _run(tmp_path)
     first = _complete(store)
     assert out.count("bytes on disk") == 1  # the summary, once
+    (given,) = (tmp_path / "work").glob("*/config.json")  # may hold a source URL's password
+    assert given.stat().st_mode & 0o077 == 0
 
     _delete(store)
     reason = "is gone"
