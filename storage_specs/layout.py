@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
 from zarr.core.sync import sync
@@ -122,6 +123,31 @@ def _json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+def _require_ours(url: str) -> None:
+    """StoreError unless `url` is free for a store or holds one of ours: another zarr store, a
+    folder of other files (the source's own, say) or a file would be written into or over."""
+    fs, path = fsspec.core.url_to_fs(url)
+    where = f"cannot create store '{redact_url(url)}'"
+    try:
+        if fs.isfile(path):
+            raise StoreError(f"{where}: it is a file")
+        names = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        if isinstance(exc, NotADirectoryError):  # a file on the way to it
+            raise StoreError(f"{where}: a part of its path is a file") from None
+        return
+    if not names:
+        return
+    if "zarr.json" not in names:
+        shown = ", ".join(sorted(names)[:3]) + (", ..." if len(names) > 3 else "")
+        raise StoreError(f"{where}: the folder holds other files ({shown}); use a new one")
+    root = json.loads(fs.cat_file(f"{path.rstrip('/')}/zarr.json"))
+    ours = "featinv_spec" in root.get("attributes", {})
+    begun = names == {"zarr.json"} and root.get("node_type") == "group"  # attributes never set
+    if not (ours or begun):
+        raise StoreError(f"{where}: it holds a zarr store that is not featinv's; use a new one")
+
+
 def create_store(
     url: str,
     *,
@@ -139,6 +165,7 @@ def create_store(
     Re-running a plan against an existing store is how runs resume, so the listing must match
     exactly: a changed source would silently misalign rows.
     """
+    _require_ours(url)
     try:
         root = zarr.open_group(url, mode="a", zarr_format=3, use_consolidated=False)
     except FileNotFoundError as exc:  # e.g. a bucket that does not exist: nothing to create it in

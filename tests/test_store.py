@@ -193,6 +193,30 @@ def test_no_store_and_no_credentials_exit_2_in_one_line(tmp_path):
     ]
 
 
+def test_a_store_is_never_made_in_or_over_what_is_not_one(small_dir, tmp_path):
+    """Another zarr store, a folder of other files (the source itself) or a file are refused in
+    one line and left as they were."""
+    plain = tmp_path / "plain.zarr"
+    zarr.create_array(str(plain), shape=(3,), dtype="f4")
+    before = (plain / "zarr.json").read_bytes()
+    (tmp_path / "afile").write_text("notes")
+    cases = {
+        str(plain): "it holds a zarr store that is not featinv's; use a new one",
+        str(small_dir): "the folder holds other files (",
+        str(tmp_path / "afile"): "it is a file",
+        str(tmp_path / "afile" / "x.zarr"): "a part of its path is a file",
+    }
+    for store, message in cases.items():
+        config = tmp_path / "config.yaml"
+        config.write_text(json.dumps({**make_config(tmp_path, small_dir), "store": store}))
+        result = cli("plan", str(config), "--out", str(tmp_path / "plan.json"))
+        assert result.returncode == 2, result.stderr
+        (line,) = result.stderr.splitlines()
+        assert line.startswith(f"featinv: error: cannot create store '{store}': {message}")
+    assert (plain / "zarr.json").read_bytes() == before and (tmp_path / "afile").read_text()
+    assert not any(p.suffix == ".json" for p in Path(small_dir).iterdir())
+
+
 def test_reader_rows_and_shards(small_dir, tmp_path):
     store = open_store(_small_store(small_dir, tmp_path))
     path = "features/resnet18/layer4"
