@@ -64,7 +64,12 @@ def _with_defaults(validator_class):
                     instance[name] = copy.deepcopy(sub["default"])
         yield from validate_properties(validator, properties, instance, schema)
 
-    return jsonschema.validators.extend(validator_class, {"properties": fill})
+    # YAML's `4.0` is a float: JSON Schema would call it an integer, and it would reach range(),
+    # torch.set_num_threads and the zarr shapes as a float
+    whole = validator_class.TYPE_CHECKER.redefine(
+        "integer", lambda _, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    return jsonschema.validators.extend(validator_class, {"properties": fill}, type_checker=whole)
 
 
 def _where(error: jsonschema.ValidationError) -> str:

@@ -45,6 +45,8 @@ def test_defaults_are_filled():
     [
         ({"shrad_size": 4}, "'shrad_size' was unexpected"),
         ({"shard_size": 0}, "config shard_size: 0 is less than the minimum of 1"),
+        ({"shard_size": 4.0}, "config shard_size: 4.0 is not of type 'integer'"),  # YAML's float
+        ({"num_workers": 100000}, "config num_workers: 100000 is greater than the maximum of 64"),
         ({"dtype": "fp8"}, "config dtype: 'fp8' is not one of"),
         ({"device": "tpu"}, "config device: 'tpu' does not match"),
         ({"backbones": []}, "config backbones: [] should be non-empty"),
