@@ -227,6 +227,9 @@ def load_config(path: str | Path, purpose: str = "extract") -> dict:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a folder, unreadable, not text
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"config file '{path}' cannot be read: {reason}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(
             f"config file '{path}' is not valid YAML: {exc}".splitlines()[0]

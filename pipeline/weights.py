@@ -181,7 +181,10 @@ def read_state_dict(path: str) -> StateDict:
     if not os.path.isfile(path):
         raise WeightsError(f"weights file not found: {path}")
     if path.lower().endswith(SAFETENSORS_SUFFIXES):
-        return safetensors.torch.load_file(path, device="cpu")
+        try:
+            return safetensors.torch.load_file(path, device="cpu")
+        except Exception as e:  # SafetensorError: empty, truncated or garbled header
+            raise WeightsError(f"{path} is not a readable safetensors file ({_one_line(e)})") from e
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:

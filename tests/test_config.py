@@ -148,6 +148,11 @@ def test_config_files(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=f"config file '{tmp_path}' cannot be read: Is a direc"):
+        load_config(tmp_path)
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="cannot be read: not UTF-8 text"):
+        load_config(path)
 
 
 @pytest.mark.parametrize(

@@ -128,6 +128,14 @@ def test_pickled_objects_are_refused(random_resnet18, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("data", [b"", b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":'])
+def test_a_broken_safetensors_file_is_one_line(tmp_path, data):
+    path = tmp_path / "broken.safetensors"  # empty, or its header cut off
+    path.write_bytes(data)
+    with pytest.raises(WeightsError, match=r"broken\.safetensors is not a readable safetensors"):
+        create_backbone("resnet18", str(path))
+
+
 def test_mismatched_file_names_keys(tmp_path):
     path = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file({"conv1.weight": torch.zeros(1), "extra": torch.zeros(1)}, path)
