@@ -170,6 +170,8 @@ def _check_models(backbones: list[dict]) -> None:
             check_layouts(BackboneSpec.from_config(entry))
         except ValueError as exc:
             raise ConfigError(f"config backbones[{i}].layers: {exc}") from None
+        except RuntimeError as exc:  # timm's create_model: an unknown pretrained tag, ...
+            raise ConfigError(f"config backbones[{i}].name: {exc}") from None
         try:
             compression_codecs(entry["compression"], "float32")
         except ValueError as exc:

@@ -197,7 +197,11 @@ class DeviceDecoder:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"config device: {name}, but this machine has "
+                         f"{torch.cuda.device_count()} CUDA GPU(s)")  # fmt: skip
+    return device
 
 
 def group_arrays(root: zarr.Group, group: str) -> dict[str, zarr.Array]:

@@ -113,7 +113,7 @@ def _local_vae_folder(source: str, subfolder: str | None) -> Path:
         return Path(snapshot_download(source, allow_patterns=[pattern]))
     except Exception as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RuntimeError(
+        raise ValueError(
             f"cannot download VAE '{source}': {reason}; pass a local folder saved with "
             "save_pretrained instead"
         ) from None

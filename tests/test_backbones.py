@@ -212,3 +212,6 @@ def test_unknown_layer_and_bad_output():
 def test_auto_device_is_cpu_without_gpu():
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert pick_device("auto").type == expected
+    gpus = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=f"device: cuda:{gpus}, but this machine has {gpus} CUDA"):
+        pick_device(f"cuda:{gpus}")  # one past the last (cuda:0 on a machine without a GPU)

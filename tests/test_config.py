@@ -47,6 +47,10 @@ def test_defaults_are_filled():
         ({"shard_size": 0}, "config shard_size: 0 is less than the minimum of 1"),
         ({"shard_size": 4.0}, "config shard_size: 4.0 is not of type 'integer'"),  # YAML's float
         ({"num_workers": 100000}, "config num_workers: 100000 is greater than the maximum of 64"),
+        (
+            {"backbones": [{"name": "resnet18.nope", "weights": "random", "layers": ["layer1"]}]},
+            "config backbones[0].name: Invalid pretrained tag (nope) for resnet18.",
+        ),
         ({"dtype": "fp8"}, "config dtype: 'fp8' is not one of"),
         ({"device": "tpu"}, "config device: 'tpu' does not match"),
         ({"backbones": []}, "config backbones: [] should be non-empty"),
@@ -235,3 +239,22 @@ def test_a_verdict_holds_only_for_the_code_that_judged(tmp_path, monkeypatch):
     with open(judges / "backbones.py", "a") as source:
         source.write("# a newer check\n")
     assert _verdict_name(GOOD["backbones"]) != before
+
+
+def test_a_vae_folder_that_is_not_there_is_one_line(tmp_path, monkeypatch):
+    """Not a folder: read as a hub id, whose download fails (offline here) in one line."""
+    from pipeline.targets import load_target
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match=f"cannot download VAE '{tmp_path / 'no_vae'}': "):
+        load_target(
+            {
+                "name": "vae",
+                "kind": "vae",
+                "model": str(tmp_path / "no_vae"),
+                "group": "main",
+                "size": 64,
+                "interpolation": "bicubic",
+                "subfolder": None,
+            }
+        )
