@@ -98,6 +98,16 @@ def _shard_run(text: str) -> range:
     return shards
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: '{text}'")
+    return value
+
+
 def cmd_finalize(args) -> None:
     """One line per stage; the store's summary is printed once per run (the Snakefile's
     onsuccess, or `featinv info`)."""
@@ -352,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shard", type=_shard_run, action="append", required=True,
         help="a shard or a run of them (0-7), repeatable: one job, models loaded once",
     )  # fmt: skip
-    p.add_argument("--threads", type=int, help="torch threads (default: the config's)")
+    p.add_argument("--threads", type=_positive, help="torch threads (default: the config's)")
     p.add_argument("--out", help="write the commit records here (Snakemake marker)")
     p = add("finalize", cmd_finalize, "gather commits, validate, consolidate, summarise")
     p.add_argument("config")
@@ -388,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backbone", required=True)
     p.add_argument("--layer", required=True)
     p.add_argument("--target", help="also export a target array, e.g. latents/vae/mean")
-    p.add_argument("--max-mb", type=int, default=512,
+    p.add_argument("--max-mb", type=_positive, default=512,
                    help="tar size: about this, in whole store shards (default 512)")  # fmt: skip
     p.add_argument("--dask-scheduler", metavar="ADDR",
                    help=dask_help + "; each tar is one task; default: threads here")  # fmt: skip

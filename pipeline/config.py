@@ -99,6 +99,10 @@ def validate_config(config: dict, purpose: str = "extract", remember: bool = Fal
     for key in ("source", "store"):
         if key in config:
             check_url(f"config {key}", config[key])
+    for key in ("scale", "ratio"):  # random crops draw between the two
+        low, high = config.get("views", {}).get(key, (0, 0))
+        if low > high:
+            raise ConfigError(f"config views.{key}: [{low}, {high}] must be [low, high]")
     _check_ood(config.get("robustness", {}).get("ood", []))
     if purpose != "extract":  # only extraction builds the backbones: the rest reads the store
         return config
@@ -188,7 +192,10 @@ def _check_weights(where: str, weights: str) -> None:
     if kind != "path":
         return
     check_url(where, weights)
-    fs, path = fsspec.core.url_to_fs(weights)
+    try:
+        fs, path = fsspec.core.url_to_fs(weights)
+    except (ValueError, ImportError) as exc:  # "Protocol not known", a filesystem not installed
+        raise ConfigError(f"{where}: {redact_url(weights)}: {exc}") from None
     try:
         found = fs.exists(path)
     except Exception as exc:

@@ -23,7 +23,7 @@ from pipeline.sources import list_source
 from pipeline.weights import WeightsInfo
 from storage_specs.layout import StoreError, open_root
 from storage_specs.provenance import redact_uri, redact_url
-from tests.conftest import featinv, snakemake
+from tests.conftest import cli, featinv, snakemake
 
 GOOD = {
     "source": "data/demo",
@@ -47,6 +47,20 @@ def test_defaults_are_filled():
         ({"shard_size": 0}, "config shard_size: 0 is less than the minimum of 1"),
         ({"shard_size": 4.0}, "config shard_size: 4.0 is not of type 'integer'"),  # YAML's float
         ({"num_workers": 100000}, "config num_workers: 100000 is greater than the maximum of 64"),
+        ({"views": {"count": 2, "scale": [1.0, 0.08]}}, "config views.scale: [1.0, 0.08] must be"),
+        (
+            {
+                "backbones": [
+                    {
+                        "name": "resnet18",
+                        "weights": "random",
+                        "layers": ["layer1"],
+                        "preprocessing": {"input_size": [7, 64, 64]},
+                    }
+                ]
+            },
+            "config backbones[0].preprocessing.input_size[0]: 3 was expected",
+        ),
         (
             {"backbones": [{"name": "resnet18.nope", "weights": "random", "layers": ["layer1"]}]},
             "config backbones[0].name: Invalid pretrained tag (nope) for resnet18.",
@@ -258,3 +272,17 @@ def test_a_vae_folder_that_is_not_there_is_one_line(tmp_path, monkeypatch):
                 "subfolder": None,
             }
         )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["extract-shard", "c.yaml", "--shard", "0", "--threads", "-3"],
+        ["extract-shard", "c.yaml", "--shard", "3-1"],
+        ["export-webdataset", "s", "o", "--backbone", "b", "--layer", "l", "--max-mb", "0"],
+    ],
+)
+def test_bad_numbers_on_the_command_line_are_usage_errors(args):
+    result = cli(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"'{args[-1]}'" in result.stderr.splitlines()[-1]
