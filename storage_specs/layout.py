@@ -98,8 +98,10 @@ def open_root(url: str, mode: str = "r", consolidated: bool | None = None) -> za
         consolidated = False
     try:
         return zarr.open_group(url, mode=mode, zarr_format=3, use_consolidated=consolidated)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, FileExistsError, NotADirectoryError) as exc:  # nothing, a file
         raise StoreError(f"no featinv store at '{redact_url(url)}'") from exc
+    except zarr.errors.ContainsArrayError as exc:
+        raise StoreError(f"'{redact_url(url)}' is a zarr array, not a featinv store") from exc
 
 
 def commit_path(group: str, shard: int) -> str:

@@ -182,6 +182,15 @@ def test_no_store_and_no_credentials_exit_2_in_one_line(tmp_path):
     assert missing.stderr.splitlines() == [
         f"featinv: error: no featinv store at '{tmp_path / 'nothing.zarr'}'"
     ]
+    (tmp_path / "afile").write_text("notes")
+    zarr.create_array(str(tmp_path / "plain.zarr"), shape=(3,), dtype="f4")
+    for command, store, message in [
+        ("migrate", "afile", "no featinv store at '{}'"),
+        ("info", "plain.zarr", "'{}' is a zarr array, not a featinv store"),
+    ]:
+        result = cli(command, str(tmp_path / store))
+        assert result.returncode == 2
+        assert result.stderr.splitlines() == [f"featinv: error: {message.format(tmp_path / store)}"]
     env = {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
     env.update(AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
                AWS_EC2_METADATA_DISABLED="true", AWS_ENDPOINT_URL="http://127.0.0.1:9")  # fmt: skip
