@@ -68,8 +68,9 @@ def test_best_of_trajectory_time_travel_and_early_stop(setup):
     prior, distance, maps = setup
     result = _decode(setup, steps=4, scale=4.0, travel=lambda i: 3 if i < 2 else 1)
     assert result.passes.tolist() == [8, 8]  # 2 steps x 3 + 2 steps x 1
-    # The kept image is the best one measured along the way, and measures as recorded.
-    assert [max(trace) for trace in result.trace] == result.cosine.tolist()
+    # The kept image is the best one measured along the way (the lowest distance: its cosine,
+    # the trace's last, need not be the trace's highest), and measures as recorded.
+    assert [trace[-1] for trace in result.trace] == result.cosine.tolist()
     with torch.no_grad():
         again, cosine = distance(prior.to_image(result.x0), maps)
     torch.testing.assert_close(again, result.distance, rtol=1e-4, atol=1e-3)
