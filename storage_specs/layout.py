@@ -134,9 +134,9 @@ def _require_ours(url: str) -> None:
         if fs.isfile(path):
             raise StoreError(f"{where}: it is a file")
         names = {name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)}
-    except (FileNotFoundError, NotADirectoryError) as exc:
-        if isinstance(exc, NotADirectoryError):  # a file on the way to it
-            raise StoreError(f"{where}: a part of its path is a file") from None
+    except NotADirectoryError:  # a file on the way to it
+        raise StoreError(f"{where}: a part of its path is a file") from None
+    except FileNotFoundError:
         return
     if not names:
         return

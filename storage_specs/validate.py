@@ -36,6 +36,7 @@ from storage_specs.layout import (
     spec_mismatch,
     stored_arrays,
 )
+from storage_specs.provenance import redact_url
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -290,8 +291,10 @@ def restore_metadata(url: str, path: str) -> None:
         snapshot = (group.get("consolidated_metadata") or {}).get("metadata") or {}
         recorded.update({f"{base}/{key}".lstrip("/"): doc for key, doc in snapshot.items()})
     if path not in recorded:
-        raise StoreError(f"{url}: {path} is missing and no consolidated metadata of the store "
-                         "records it: it cannot be restored; rebuild the store")  # fmt: skip
+        raise StoreError(
+            f"{redact_url(url)}: {path} is missing and no consolidated metadata of the store "
+            "records it: it cannot be restored; rebuild the store"
+        )
     for depth in range(1, len(parts) + 1):
         node = "/".join(parts[:depth])
         if not fs.exists(f"{root}/{node}/zarr.json"):
