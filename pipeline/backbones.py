@@ -8,6 +8,7 @@ layer emits is normalised to the store's layout: a channels-first map `[C, y, x]
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,6 +189,13 @@ def check_layouts(spec: BackboneSpec) -> None:
 
 
 def map_layouts(spec: BackboneSpec, input_hw: tuple[int, int]) -> dict[str, bool]:
+    """`_layouts` of the spec's model and layers (a job's config check and its backbone load ask
+    for the same: computed once per process)."""
+    return dict(_layouts(spec.name, spec.layers, tuple(input_hw)))
+
+
+@functools.cache
+def _layouts(name: str, layers: tuple[str, ...], input_hw: tuple[int, int]) -> tuple:
     """Whether each layer's 4-D output is channels-last (`[y, x, C]`), from which of its axes grow
     with the input: shapes on the meta device at `input_hw` and at twice it.  The shape alone
     cannot tell `[64, 56, 56]` from `[56, 56, 64]` (a channel count near the map's size), and a
@@ -198,14 +206,14 @@ def map_layouts(spec: BackboneSpec, input_hw: tuple[int, int]) -> dict[str, bool
     shapes = []
     try:
         with torch.device("meta"):
-            model, _ = create_backbone(spec.name, "random")
+            model, _ = create_backbone(name, "random")
             for hw in (input_hw, (2 * input_hw[0], 2 * input_hw[1])):
                 if _fixed_patch_grid(model, hw):  # ViT-style: built for each size
-                    model, _ = create_backbone(spec.name, "random", img_size=hw)
-                outputs = LayerTaps(model.eval(), spec.layers).raw(torch.zeros(1, 3, *hw))
+                    model, _ = create_backbone(name, "random", img_size=hw)
+                outputs = LayerTaps(model.eval(), layers).raw(torch.zeros(1, 3, *hw))
                 shapes.append({layer: tuple(out.shape) for layer, out in outputs.items()})
     except Exception:  # refusals come from the real forward, with their own messages
-        return {}
+        return ()
     layouts = {}
     for layer, small in shapes[0].items():
         if len(small) != 4 or len(shapes[1][layer]) != 4:
@@ -218,7 +226,7 @@ def map_layouts(spec: BackboneSpec, input_hw: tuple[int, int]) -> dict[str, bool
                 "[y, x, C] map; name a module that emits one"
             )
         layouts[layer] = grown == (1, 2)  # () : a pooled map, the size of no input
-    return layouts
+    return tuple(layouts.items())
 
 
 def _built(
