@@ -228,16 +228,21 @@ def write_pngs(folder: Path, key: str, views, original: np.ndarray, images: dict
     where = folder / key
     where.mkdir(parents=True, exist_ok=True)
     for j, view in enumerate(views):
-        save_png(where / f"v{view}_original.png", original[j])
+        save_png(where / png_name(view, "original"), original[j])
         for method, data in images.items():
             for s, image in enumerate(data[j]):
-                save_png(where / f"v{view}_{method}_{s}.png", image)
+                save_png(where / png_name(view, f"{method}_{s}"), image)
+
+
+def png_name(view: int, kind: str) -> str:
+    """The PNG of a view's original (`kind` "original") or of a method's sample ("model_0")."""
+    return f"v{view}_{kind}.png"
 
 
 def restore_pngs(folder: Path, root, views, methods: dict[str, dict]) -> None:
     """Rewrite, from the samples store, the PNGs of finished entries that are gone (deleted, a
     run killed between its PNGs and the store): the store is the record, the PNGs a view of it."""
-    names = [f"v{view}_{kind}.png" for view in views
+    names = [png_name(view, kind) for view in views
              for kind in ["original", *(f"{m}_{s}" for m, spec in methods.items()
                                         for s in range(spec["samples"]))]]  # fmt: skip
     for i in np.flatnonzero(root["done"][:]):
